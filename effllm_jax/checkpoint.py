@@ -1,0 +1,148 @@
+"""Orbax checkpoints of a run: train state + architecture spec (JSON) + data position (JSON).
+
+Layout: <workdir>/checkpoints/<step>/{state,spec,data}. Saves are async and keep the last N.
+Restore reads the small JSON items first (so a reader learns the architecture without the
+weights), then the state directly onto the target shardings, which may belong to a mesh
+other than the one that saved it. No pickle anywhere.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from effllm_jax.arch import ArchSpec
+
+CONFIG_FILE = "config.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read; nothing on disk has been changed."""
+
+
+def _directory(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+class Checkpointer:
+    """Saves and restores {state, spec, data} steps of one run directory."""
+
+    def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                               enable_async_checkpointing=async_save)
+        self.manager = ocp.CheckpointManager(_directory(workdir), options=options,
+                                             item_names=("state", "spec", "data"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state: Any, spec: ArchSpec, data_position: dict) -> None:
+        """Starts an async save of one step (returns before the bytes are on disk)."""
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            spec=ocp.args.JsonSave(spec.to_json()),
+            data=ocp.args.JsonSave(data_position)))
+
+    def restore_meta(self, step: int | None = None) -> tuple[int, ArchSpec, dict]:
+        """(step, spec, data position) without touching the weights."""
+        step = self._step(step)
+        try:
+            meta = self.manager.restore(step, args=ocp.args.Composite(
+                spec=ocp.args.JsonRestore(), data=ocp.args.JsonRestore()))
+            return step, ArchSpec.from_json(meta["spec"]), dict(meta["data"])
+        except CheckpointError:
+            raise
+        except Exception as e:  # orbax raises many types; name the step and the cause
+            raise CheckpointError(f"cannot read the spec/data of checkpoint step {step} in "
+                                  f"{self.manager.directory}: {e}") from e
+
+    def restore_state(self, abstract_state: Any, step: int | None = None) -> Any:
+        """The state at `step` (default latest), placed as `abstract_state`'s shardings say."""
+        step = self._step(step)
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state)))
+        except Exception as e:
+            raise CheckpointError(f"checkpoint step {step} in {self.manager.directory} is "
+                                  f"corrupt or does not match this model: {e}") from e
+        return out["state"]
+
+    def wait(self) -> None:
+        """Blocks until pending async saves are on disk."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    def _step(self, step: int | None) -> int:
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no checkpoint in {self.manager.directory}")
+        return step
+
+
+def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs that carry the target shardings (what restore places onto)."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, shardings)
+
+
+def save_run_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Writes the run's config next to its checkpoints (JSON, human-readable)."""
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, CONFIG_FILE)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    os.replace(tmp, path)  # atomic: a crash never leaves a half-written config
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a run was started with."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path} is missing: {workdir} is not a training run directory")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+@dataclasses.dataclass
+class InferenceCheckpoint:
+    """What evaluation and export need from a training run."""
+
+    cfg: Any  # ModelConfig
+    params: dict  # dense source layout, host numpy
+    masks: dict  # host numpy bool
+    spec: ArchSpec
+    step: int
+    workdir: str
+
+
+def load_inference(workdir: str, step: int | None = None) -> InferenceCheckpoint:
+    """Restores params and masks of a run (latest step by default) onto the host."""
+    from effllm_jax import train_step as ts  # late: train_step imports the model stack
+
+    config = load_run_config(workdir)
+    ckpt = Checkpointer(workdir, async_save=False)
+    step, spec, _ = ckpt.restore_meta(step)
+    cfg = spec.model_config
+    step_cfg = ts.StepConfig(cfg, None, None, config.prune.criterion)
+    tx, _ = ts.make_optimizer(config.optim, config.train.steps)
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.eval_shape(lambda: ts.init_state(step_cfg, tx, jax.random.key(0)))
+    on_host = abstract_with_shardings(abstract, jax.tree.map(lambda _: cpu, abstract))
+    state = ckpt.restore_state(on_host, step)
+    ckpt.close()
+    return InferenceCheckpoint(cfg=cfg, params=jax.tree.map(np.asarray, state.params),
+                               masks=jax.tree.map(np.asarray, state.masks), spec=spec, step=step,
+                               workdir=workdir)

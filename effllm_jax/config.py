@@ -1,0 +1,118 @@
+"""The run configuration: one schema with defaults, and the one place that says what is legal.
+
+Experiment files in configs/ start from `base_config()` and override fields; the CLI
+overrides any field with --config.a.b=value. `validate` runs before anything compiles and
+names the first problem it finds.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import ml_collections
+
+from effllm_jax import data as data_lib
+from effllm_jax import sharding
+from effllm_jax.model.llama import ModelConfig
+from effllm_jax.pruning import groups, saliency, select
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every field a run reads, with defaults (a tiny model, for a quick CPU run)."""
+    c = ml_collections.ConfigDict()
+    c.model = ml_collections.ConfigDict(dataclasses.asdict(ModelConfig(
+        vocab_size=4096, d_model=128, num_layers=4, num_heads=8, num_kv_heads=4, head_dim=16,
+        ffn_dim=384)))
+    c.data = data_lib.default_data_config()
+    c.prune = ml_collections.ConfigDict(dict(
+        target_params=0,  # absolute live-parameter budget; or set target_fraction
+        target_fraction=0.5,  # budget as a fraction of the dense count (used when target_params=0)
+        warmup_steps=100,  # dense steps before the first event
+        prune_steps=200,  # steps over which the budget falls linearly to the target
+        every=20,  # one pruning event every N steps
+        criterion="taylor",  # taylor | fisher | taylor_fisher
+        reduction="mean",  # mean (per live parameter) | sum
+        uniform_layers=False,  # True: equal head/FFN widths in every layer
+        group_types=("heads", "ffn", "hidden"),
+        rounds=3,
+    ))
+    c.optim = ml_collections.ConfigDict(dict(
+        lr=3e-3, min_lr_ratio=0.1, warmup_steps=50, weight_decay=0.1, b1=0.9, b2=0.95,
+        eps=1e-8, grad_clip=1.0))
+    c.train = ml_collections.ConfigDict(dict(
+        steps=400, global_batch=16, seq_len=128, seed=0, log_every=10,
+        checkpoint_every=100, keep_checkpoints=3, peak_flops_per_device=0.0))
+    c.mesh = ml_collections.ConfigDict(dict(
+        shape=(-1, 1, 1),  # (data, fsdp, tensor); one -1 fills the remaining devices
+        rules=sharding.DEFAULT_RULES,
+    ))
+    return c
+
+
+def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+    """The frozen model config of a run."""
+    return ModelConfig.from_config(config.model)
+
+
+def select_config(config: ml_collections.ConfigDict) -> select.SelectConfig:
+    p = config.prune
+    return select.SelectConfig(reduction=p.reduction, uniform_layers=bool(p.uniform_layers),
+                               group_types=tuple(p.group_types), rounds=int(p.rounds))
+
+
+def target_params(config: ml_collections.ConfigDict) -> int:
+    """The absolute live-parameter budget of a run."""
+    dense = groups.dense_params(model_config(config))
+    if config.prune.target_params:
+        return int(config.prune.target_params)
+    return int(dense * float(config.prune.target_fraction))
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Raises ValueError naming the first illegal setting."""
+    m = config.model
+    if min(m.vocab_size, m.d_model, m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim,
+           m.ffn_dim) <= 0:
+        raise ValueError("model sizes must all be positive")
+    if m.num_heads % m.num_kv_heads:
+        raise ValueError(f"model.num_heads={m.num_heads} is not divisible by "
+                         f"model.num_kv_heads={m.num_kv_heads} (GQA needs whole groups)")
+    if m.head_dim % 2:
+        raise ValueError(f"model.head_dim={m.head_dim} must be even for RoPE")
+    if m.dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"model.dtype={m.dtype!r}; expected 'float32' or 'bfloat16'")
+    if m.remat not in ("none", "full", "dots"):
+        raise ValueError(f"model.remat={m.remat!r}; expected 'none', 'full' or 'dots'")
+    cfg = model_config(config)
+    p = config.prune
+    dense = groups.dense_params(cfg)
+    target = target_params(config)
+    if not p.target_params and not 0.0 < p.target_fraction <= 1.0:
+        raise ValueError(f"prune.target_fraction={p.target_fraction} must be in (0, 1]")
+    if target > dense:
+        raise ValueError(f"prune target ({target:,} params) is larger than the source model "
+                         f"({dense:,} params)")
+    if target < cfg.vocab_size:
+        raise ValueError(f"prune target ({target:,} params) cannot fit: a model with even one "
+                         f"hidden channel keeps vocab_size={cfg.vocab_size:,} embedding params")
+    for name in ("warmup_steps", "prune_steps", "every"):
+        if int(p[name]) < (0 if name == "warmup_steps" else 1):
+            raise ValueError(f"prune.{name}={p[name]} is out of range")
+    if p.criterion not in saliency.CRITERIA:
+        raise ValueError(f"prune.criterion={p.criterion!r}; expected one of {saliency.CRITERIA}")
+    if p.reduction not in select.REDUCTIONS:
+        raise ValueError(f"prune.reduction={p.reduction!r}; expected one of {select.REDUCTIONS}")
+    unknown = set(p.group_types) - set(select.GROUP_TYPES)
+    if unknown:
+        raise ValueError(f"prune.group_types has unknown {sorted(unknown)}; "
+                         f"known: {select.GROUP_TYPES}")
+    t = config.train
+    if t.steps < 1 or t.global_batch < 1 or t.seq_len < 2:
+        raise ValueError("train.steps, train.global_batch must be >= 1 and train.seq_len >= 2")
+    mesh_shape = sharding.resolve_mesh_shape(config.mesh.shape, num_devices)
+    batch_axes = dict(config.mesh.rules).get("batch") or ()
+    batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
+    shards = math.prod(mesh_shape[sharding.MESH_AXES.index(a)] for a in batch_axes)
+    if t.global_batch % shards:
+        raise ValueError(f"train.global_batch={t.global_batch} is not divisible by the "
+                         f"{shards} batch shards of mesh {mesh_shape}")

@@ -1,0 +1,188 @@
+"""SentencePiece tokenizers: train one on the training split, or load an existing .model.
+
+Our trained models use byte fallback (no <unk> on unseen characters), identity normalisation,
+no dummy prefix and no whitespace folding, so `decode(encode(text)) == text` for any text, and
+newlines are ordinary characters that BPE may merge ('.\\n\\n'). Ids: <unk>=0, <s>=1, </s>=2;
+no pad piece (windows are packed, nothing is padded).
+
+A tokenizer is identified by the SHA-256 of its serialised model; `save()` copies it into a run
+directory so that a checkpoint carries the exact tokenizer it was trained with.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import sentencepiece as spm
+
+from effllm_jax.data.fetch import DataError, atomic_write_bytes
+
+MODEL_FILENAME = "tokenizer.model"
+INFO_FILENAME = "tokenizer.json"
+# Documents longer than this are encoded in pieces (bounded memory, parallel threads).
+MAX_PIECE_CHARS = 1 << 14
+_SAFE_SPLIT = re.compile(r"(?<=\S) (?=\S)")  # a lone space between words: a piece boundary
+
+
+def _threads(num_threads: int | None) -> int:
+    return num_threads or min(os.cpu_count() or 1, 16)
+
+
+class Tokenizer:
+    """A SentencePiece model with the encode/decode/eos_id/bos_id/vocab_size/save interface."""
+
+    def __init__(self, model_proto: bytes, source: str = ""):
+        self.model_proto = bytes(model_proto)
+        self.source = source  # where it came from (a path, or 'trained:<key>'), for the record
+        self._sp = spm.SentencePieceProcessor(model_proto=self.model_proto)
+        if self.eos_id < 0:
+            raise DataError(f"tokenizer {source or '(in memory)'} defines no EOS piece; "
+                            "packing documents needs one")
+        # Models with a dummy prefix turn the start of every encoded piece into '▁word'.
+        self._dummy_prefix = self._sp.encode("a", out_type=str)[0].startswith("\u2581")
+
+    # -- the contract ---------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.vocab_size()
+
+    @property
+    def eos_id(self) -> int:
+        return self._sp.eos_id()
+
+    @property
+    def bos_id(self) -> int:
+        return self._sp.bos_id()
+
+    @property
+    def pad_id(self) -> int:
+        return self._sp.pad_id()
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.model_proto).hexdigest()
+
+    def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        """Token ids of `text` (optionally with BOS/EOS)."""
+        return self._sp.encode(text, add_bos=add_bos, add_eos=add_eos)
+
+    def decode(self, ids: Iterable[int] | np.ndarray) -> str:
+        """Text of `ids`; negative ids (padding) are skipped."""
+        return self._sp.decode([int(i) for i in np.asarray(ids).reshape(-1) if i >= 0])
+
+    def id_to_piece(self, token_id: int) -> str:
+        return self._sp.id_to_piece(int(token_id))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Writes `tokenizer.model` (+ `tokenizer.json` info) into directory `path`, or to file `path`."""
+        path = Path(path)
+        model_path = path if path.suffix == ".model" else path / MODEL_FILENAME
+        atomic_write_bytes(model_path, self.model_proto)
+        info = {"sha256": self.sha256, "vocab_size": self.vocab_size, "eos_id": self.eos_id,
+                "bos_id": self.bos_id, "pad_id": self.pad_id, "source": self.source}
+        atomic_write_bytes(model_path.with_name(INFO_FILENAME) if path.suffix != ".model"
+                           else model_path.with_suffix(".json"), json.dumps(info, indent=1).encode())
+        return model_path
+
+    # -- bulk encoding for pre-tokenisation ---------------------------------------------
+    def _pieces(self, text: str, max_chars: int) -> list[str]:
+        """Splits a long text at lone spaces so that encoding the pieces equals encoding it whole."""
+        pieces, start = [], 0
+        while len(text) - start > max_chars:
+            cut = None
+            for m in _SAFE_SPLIT.finditer(text, start + max_chars // 2, start + max_chars):
+                cut = m.start()
+            if cut is None:
+                cut = start + max_chars  # no word boundary at all: a hard cut (tokens may differ slightly)
+            pieces.append(text[start:cut])
+            # With a dummy prefix the space is re-created by the prefix of the next piece.
+            start = cut + 1 if (self._dummy_prefix and text[cut] == " ") else cut
+        pieces.append(text[start:])
+        return pieces
+
+    def encode_batch(self, texts: Sequence[str], *, num_threads: int | None = None,
+                     max_piece_chars: int = MAX_PIECE_CHARS) -> list[list[int]]:
+        """Encodes many texts on several threads; long texts are split at safe word boundaries."""
+        flat, owner = [], []
+        for i, text in enumerate(texts):
+            for piece in self._pieces(text, max_piece_chars):
+                flat.append(piece)
+                owner.append(i)
+        encoded = self._sp.encode(flat, num_threads=_threads(num_threads))
+        out: list[list[int]] = [[] for _ in texts]
+        for i, ids in zip(owner, encoded):
+            out[i].extend(ids)
+        return out
+
+    # -- pickling (grain workers) ---------------------------------------------------------
+    def __getstate__(self) -> dict:
+        return {"model_proto": self.model_proto, "source": self.source}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["model_proto"], state["source"])
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, sha256={self.sha256[:12]}, source={self.source!r})"
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """Loads a SentencePiece model from a .model file or a directory holding `tokenizer.model`."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / MODEL_FILENAME
+    if not path.is_file():
+        raise DataError(f"tokenizer model not found: {path}")
+    proto = path.read_bytes()
+    try:
+        return Tokenizer(proto, source=str(path))
+    except RuntimeError as e:  # sentencepiece's parse error
+        raise DataError(f"{path} is not a SentencePiece model: {e}") from e
+
+
+def training_sentences(texts: Iterable[str], max_chars: int = 2000) -> Iterator[str]:
+    """Yields training "sentences": runs of whole lines up to `max_chars`, newlines kept."""
+    for text in texts:
+        buf: list[str] = []
+        size = 0
+        for line in text.split("\n"):
+            while len(line) > max_chars:  # a huge line (minified data): split at a space
+                cut = line.rfind(" ", max_chars // 2, max_chars)
+                cut = cut if cut > 0 else max_chars
+                yield line[:cut]
+                line = line[cut:]
+            if buf and size + len(line) + 1 > max_chars:
+                yield "\n".join(buf) + "\n"
+                buf, size = [], 0
+            buf.append(line)
+            size += len(line) + 1
+        if buf:
+            yield "\n".join(buf)
+
+
+def train_tokenizer(texts: Sequence[str], *, vocab_size: int, model_type: str = "bpe",
+                    character_coverage: float = 0.9995, max_sentences: int = 2_000_000,
+                    num_threads: int | None = None, seed: int = 0) -> Tokenizer:
+    """Trains a SentencePiece model (BPE or unigram, byte fallback, EOS=2) on `texts`."""
+    if model_type not in ("bpe", "unigram"):
+        raise DataError(f"tokenizer model_type must be 'bpe' or 'unigram', got {model_type!r}")
+    model = io.BytesIO()
+    spm.set_random_generator_seed(seed)  # input sampling: identical models on every host
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=training_sentences(texts), model_writer=model, vocab_size=vocab_size,
+            model_type=model_type, byte_fallback=True, character_coverage=character_coverage,
+            normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+            split_digits=True, allow_whitespace_only_pieces=True, max_sentence_length=16384,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=-1, input_sentence_size=max_sentences,
+            shuffle_input_sentence=True, num_threads=_threads(num_threads), minloglevel=2)
+    except RuntimeError as e:
+        raise DataError(f"SentencePiece training failed for vocab_size={vocab_size} on "
+                        f"{sum(map(len, texts))} characters: {e}. If the vocabulary is too large for "
+                        "this corpus, lower config.data.tokenizer.vocab_size") from e
+    return Tokenizer(model.getvalue(), source=f"trained:{model_type}:{vocab_size}")

@@ -1,0 +1,120 @@
+"""Export a training run (or any loadable model), and load any model as a LanguageModel.
+
+`load_language_model(path)` is the one entry point evaluation and generation use: it takes a
+training workdir, a compact Flax export, a Hugging Face directory or a .gguf file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any, Literal
+
+import jax
+import numpy as np
+
+from effllm_jax.arch import ArchSpec
+from effllm_jax.export import flax_io, gguf_import, hf, tokenizer_io, widths
+from effllm_jax.model.compact import slice_params
+from effllm_jax.model.lm import LanguageModel
+
+log = logging.getLogger(__name__)
+
+Format = Literal["flax", "hf"]
+
+
+def is_gguf(path: str) -> bool:
+    """True for a GGUF file (by magic bytes)."""
+    if not os.path.isfile(path):
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def load_run(workdir: str, step: int | None = None) -> tuple[ArchSpec, dict, str | None]:
+    """(spec, compact params, tokenizer path or None) of a training checkpoint."""
+    from effllm_jax import checkpoint  # imported late: training-only dependencies
+
+    ck = checkpoint.load_inference(workdir, step=step)
+    spec, params = slice_params(ck.params, ck.masks, ck.cfg)
+    saved = getattr(ck, "spec", None)
+    if saved is not None:
+        if saved.hidden_dim != spec.hidden_dim or tuple(saved.layers) != tuple(spec.layers):
+            raise ValueError(f"{workdir}: the saved architecture spec (hidden {saved.hidden_dim}, "
+                             f"{len(saved.layers)} layers) does not match the checkpoint's masks "
+                             f"(hidden {spec.hidden_dim}); the checkpoint is inconsistent")
+        spec = dataclasses.replace(spec, step=saved.step, tokens_seen=saved.tokens_seen)
+    else:
+        spec = dataclasses.replace(spec, step=int(getattr(ck, "step", 0) or 0))
+    tok = os.path.join(workdir, "tokenizer")
+    return spec, params, tok if os.path.exists(tok) else None
+
+
+def load_exported(path: str) -> LanguageModel:
+    """A compact Flax export or a Hugging Face directory (+ its tokenizer) as a LanguageModel."""
+    if flax_io.is_compact_export(path):
+        spec, params = flax_io.load_compact(path)
+        return LanguageModel(spec, params, flax_io.load_export_tokenizer(path))
+    if hf.is_hf_dir(path):
+        spec, params = hf.load_hf_compact(path)
+        return LanguageModel(spec, params, hf.load_hf_tokenizer(path))
+    raise FileNotFoundError(f"{path} is neither a compact export (export.json + spec.json) nor "
+                            "a Hugging Face directory (config.json + model.safetensors)")
+
+
+def load_language_model(path: str, step: int | None = None) -> LanguageModel:
+    """Any model we can read: training workdir, flax/hf export directory, or .gguf file."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no model at {path}")
+    if os.path.isfile(path):
+        if is_gguf(path):
+            return gguf_import.load_gguf(path)
+        raise ValueError(f"{path} is a file but not GGUF; pass a directory for other formats")
+    if flax_io.is_compact_export(path) or hf.is_hf_dir(path):
+        return load_exported(path)
+    spec, params, tok_path = load_run(path, step)
+    tokenizer = tokenizer_io.load_tokenizer(tok_path) if tok_path else None
+    return LanguageModel(spec, params, tokenizer)
+
+
+def export_model(out_dir: str, spec: ArchSpec, params: dict, fmt: Format = "flax", *,
+                 tokenizer: Any = None, tokenizer_path: str | None = None,
+                 round_to: int | None = None, strict: bool = False, gqa: str = "auto",
+                 dtype: str = "float32", max_position_embeddings: int = 2048) -> list[str]:
+    """Writes compact (spec, params) as a Flax or Hugging Face export; returns notes."""
+    params = jax.tree.map(np.asarray, params)
+    if fmt == "hf":
+        return hf.export_hf(out_dir, spec, params, tokenizer=tokenizer,
+                            tokenizer_path=tokenizer_path, strict=strict, gqa=gqa,
+                            round_to=round_to, dtype=dtype,
+                            max_position_embeddings=max_position_embeddings)
+    if fmt != "flax":
+        raise ValueError(f"format {fmt!r}; expected 'flax' or 'hf'")
+    notes: list[str] = []
+    if round_to:
+        old = spec
+        spec, tensors = widths.round_widths(spec, params, round_to)
+        notes.append(f"widths rounded up to multiples of {round_to} by exact zero padding "
+                     f"(hidden {old.hidden_dim}->{spec.hidden_dim}, FFN per layer)")
+    else:
+        tensors = params
+    flax_io.save_compact(out_dir, spec, tensors, tokenizer=tokenizer,
+                         tokenizer_path=tokenizer_path, dtype=dtype, notes=notes)
+    return notes
+
+
+def export_run(source: str, out_dir: str, fmt: Format = "flax", *, step: int | None = None,
+               **options: Any) -> list[str]:
+    """Exports a training workdir (or any model `load_language_model` reads) to `out_dir`."""
+    if os.path.isdir(source) and not (flax_io.is_compact_export(source) or hf.is_hf_dir(source)):
+        spec, params, tok_path = load_run(source, step)
+        tokenizer = None
+        if tok_path is not None:
+            try:  # only for BOS/EOS ids in config.json; the files are copied regardless
+                tokenizer = tokenizer_io.load_tokenizer(tok_path)
+            except Exception as e:  # noqa: BLE001
+                log.warning("could not load the run's tokenizer at %s: %s", tok_path, e)
+        return export_model(out_dir, spec, params, fmt, tokenizer=tokenizer,
+                            tokenizer_path=tok_path, **options)
+    lm = load_language_model(source, step)
+    return export_model(out_dir, lm.spec, lm.params, fmt, tokenizer=lm.tokenizer, **options)

@@ -1,0 +1,299 @@
+"""The Llama-family decoder (RoPE, GQA, SwiGLU, RMSNorm) with structured pruning masks.
+
+One set of Flax NNX modules serves two models:
+  * `Llama`: the dense *source* model. Its layers are stacked (leading `layers` axis) and
+    scanned; pruning is expressed by tiny structured masks passed to `__call__`.
+  * `CompactLlama` (model/compact.py): the physically sliced model, one `Block` per layer,
+    each with its own head count, KV grouping and FFN width.
+
+Masks act on activations, so a masked model computes exactly what its sliced twin computes
+and pruned weights receive exactly zero gradient:
+  hidden mask  [D]    residual-stream channels; RMSNorm statistics use kept channels only
+  head mask    [L, H] query heads (a KV head is dead once all its query heads are)
+  ffn mask     [L, F] SwiGLU channels
+Every parameter carries logical axis names (`axes` metadata); sharding.py maps them to the mesh.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Masks = dict[str, jax.Array]  # {'hidden': [D], 'heads': [L, H], 'ffn': [L, F]}, bool
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of the source model (hashable: used as a static jit argument)."""
+
+    vocab_size: int
+    d_model: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    ffn_dim: int
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    dtype: str = "float32"  # compute dtype; parameters are always float32
+    remat: str = "none"  # 'none' | 'full' | 'dots' (save matmul outputs)
+    scan_layers: bool = True
+    init_std: float = 0.02
+
+    @classmethod
+    def from_config(cls, model_config: Any) -> "ModelConfig":
+        """From an ml_collections ConfigDict (or any mapping) with the same field names."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = dict(model_config)
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            raise ValueError(f"unknown model config field(s) {unknown}; known: {sorted(fields)}")
+        return cls(**values)
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head."""
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+
+def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float) -> jax.Array:
+    return std * jax.random.normal(rngs.params(), shape, jnp.float32)
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables [T, head_dim/2] in the Hugging Face (rotate-half) pairing."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    angles = np.arange(seq_len, dtype=np.float32)[:, None] * inv_freq[None, :]
+    return jnp.asarray(np.cos(angles)), jnp.asarray(np.sin(angles))
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates pairs (i, i + head_dim/2) of x [B, T, heads, head_dim]."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm whose statistics run over the kept hidden channels only."""
+
+    def __init__(self, dim: int, eps: float):
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), axes=("embed",))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array, hidden_mask: jax.Array | None = None) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        if hidden_mask is None:
+            mean_square = jnp.mean(x32 * x32, axis=-1, keepdims=True)
+        else:
+            x32 = x32 * hidden_mask
+            kept = jnp.maximum(jnp.sum(hidden_mask), 1.0)
+            mean_square = jnp.sum(x32 * x32, axis=-1, keepdims=True) / kept
+        y = x32 * jax.lax.rsqrt(mean_square + self.eps) * self.scale[...]
+        return y.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Causal GQA self-attention; `kv_index[h]` names the KV head that query head h reads."""
+
+    def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 kv_index: tuple[int, ...], init_std: float, out_std: float, *, rngs: nnx.Rngs):
+        self.wq = nnx.Param(_normal(rngs, (d_model, num_heads, head_dim), init_std),
+                            axes=("embed", "heads", "head_dim"))
+        self.wk = nnx.Param(_normal(rngs, (d_model, num_kv_heads, head_dim), init_std),
+                            axes=("embed", "kv_heads", "head_dim"))
+        self.wv = nnx.Param(_normal(rngs, (d_model, num_kv_heads, head_dim), init_std),
+                            axes=("embed", "kv_heads", "head_dim"))
+        self.wo = nnx.Param(_normal(rngs, (num_heads, head_dim, d_model), out_std),
+                            axes=("heads", "head_dim", "embed"))
+        self.kv_index = tuple(int(i) for i in kv_index)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
+                 head_mask: jax.Array | None = None) -> jax.Array:
+        dtype = x.dtype
+        q = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dtype))
+        k = jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(dtype))
+        v = jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(dtype))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        kv_index = np.asarray(self.kv_index, dtype=np.int32)
+        k, v = jnp.take(k, kv_index, axis=2), jnp.take(v, kv_index, axis=2)
+        head_dim = q.shape[-1]
+        scores = jnp.einsum("bthk,bshk->bhts", q, k, preferred_element_type=jnp.float32)
+        scores = scores / np.sqrt(head_dim).astype(np.float32)
+        seq_len = x.shape[1]
+        causal = jnp.tril(jnp.ones((seq_len, seq_len), dtype=bool))
+        scores = jnp.where(causal[None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+        out = jnp.einsum("bhts,bshk->bthk", probs, v)
+        if head_mask is not None:
+            out = out * head_mask.astype(dtype)[None, None, :, None]
+        return jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dtype))
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward: down(silu(gate x) * up x)."""
+
+    def __init__(self, d_model: int, ffn_dim: int, init_std: float, out_std: float, *,
+                 rngs: nnx.Rngs):
+        self.w_gate = nnx.Param(_normal(rngs, (d_model, ffn_dim), init_std), axes=("embed", "mlp"))
+        self.w_up = nnx.Param(_normal(rngs, (d_model, ffn_dim), init_std), axes=("embed", "mlp"))
+        self.w_down = nnx.Param(_normal(rngs, (ffn_dim, d_model), out_std), axes=("mlp", "embed"))
+
+    def __call__(self, x: jax.Array, ffn_mask: jax.Array | None = None) -> jax.Array:
+        dtype = x.dtype
+        h = jax.nn.silu(x @ self.w_gate[...].astype(dtype)) * (x @ self.w_up[...].astype(dtype))
+        if ffn_mask is not None:
+            h = h * ffn_mask.astype(dtype)
+        return h @ self.w_down[...].astype(dtype)
+
+
+class Block(nnx.Module):
+    """One pre-norm decoder layer."""
+
+    def __init__(self, cfg: ModelConfig, d_model: int, num_heads: int, num_kv_heads: int,
+                 kv_index: tuple[int, ...], ffn_dim: int, *, rngs: nnx.Rngs):
+        out_std = cfg.init_std / np.sqrt(2 * cfg.num_layers)
+        self.attn_norm = RMSNorm(d_model, cfg.norm_eps)
+        self.attn = Attention(d_model, num_heads, num_kv_heads, cfg.head_dim, kv_index,
+                              cfg.init_std, out_std, rngs=rngs)
+        self.mlp_norm = RMSNorm(d_model, cfg.norm_eps)
+        self.mlp = MLP(d_model, ffn_dim, cfg.init_std, out_std, rngs=rngs)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
+                 hidden_mask: jax.Array | None = None, head_mask: jax.Array | None = None,
+                 ffn_mask: jax.Array | None = None) -> jax.Array:
+        x = x + self.attn(self.attn_norm(x, hidden_mask), cos, sin, head_mask)
+        return x + self.mlp(self.mlp_norm(x, hidden_mask), ffn_mask)
+
+
+def _remat(fn, policy: str):
+    if policy == "none":
+        return fn
+    if policy == "full":
+        return jax.checkpoint(fn)
+    if policy == "dots":
+        return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    raise ValueError(f"model.remat={policy!r}; expected 'none', 'full' or 'dots'")
+
+
+def embed_tokens(embed: jax.Array, tokens: jax.Array, dtype) -> jax.Array:
+    return jnp.take(embed, tokens, axis=0).astype(dtype)
+
+
+def unembed(x: jax.Array, embed: jax.Array, lm_head: jax.Array | None) -> jax.Array:
+    """Logits in float32, through the tied embedding or the separate head."""
+    weight = embed.T if lm_head is None else lm_head
+    return jnp.einsum("btd,dv->btv", x, weight.astype(x.dtype), preferred_element_type=jnp.float32)
+
+
+class Llama(nnx.Module):
+    """The dense source model with stacked, scanned layers and mask inputs."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = nnx.Param(_normal(rngs, (cfg.vocab_size, cfg.d_model), cfg.init_std),
+                               axes=("vocab", "embed"))
+        kv_index = tuple(h // cfg.group_size for h in range(cfg.num_heads))
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_layers(rngs: nnx.Rngs) -> Block:
+            return Block(cfg, cfg.d_model, cfg.num_heads, cfg.num_kv_heads, kv_index,
+                         cfg.ffn_dim, rngs=rngs)
+
+        self.layers = make_layers(rngs)
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        if not cfg.tie_embeddings:
+            self.lm_head = nnx.Param(_normal(rngs, (cfg.d_model, cfg.vocab_size), cfg.init_std),
+                                     axes=("embed", "vocab"))
+
+    def __call__(self, tokens: jax.Array, masks: Masks | None = None) -> jax.Array:
+        cfg = self.cfg
+        dtype = cfg.compute_dtype
+        hidden = None if masks is None else masks["hidden"].astype(jnp.float32)
+        x = embed_tokens(self.embed[...], tokens, dtype)
+        if hidden is not None:
+            x = x * hidden.astype(dtype)
+        cos, sin = rope_tables(tokens.shape[1], cfg.head_dim, cfg.rope_theta)
+        if masks is None:
+            layer_masks = (jnp.ones((cfg.num_layers, cfg.num_heads), bool),
+                           jnp.ones((cfg.num_layers, cfg.ffn_dim), bool))
+        else:
+            layer_masks = (masks["heads"], masks["ffn"])
+        graphdef, layer_state = nnx.split(self.layers)
+
+        def layer(x, layer_state, head_mask, ffn_mask):
+            block = nnx.merge(graphdef, layer_state)
+            return block(x, cos, sin, hidden, head_mask if masks is not None else None,
+                         ffn_mask if masks is not None else None)
+
+        layer = _remat(layer, cfg.remat)
+        if cfg.scan_layers:
+            x, _ = jax.lax.scan(lambda x, xs: (layer(x, *xs), None), x, (layer_state, *layer_masks))
+        else:
+            for i in range(cfg.num_layers):
+                xs = jax.tree.map(lambda a: a[i], (layer_state, *layer_masks))
+                x = layer(x, *xs)
+        x = self.final_norm(x, hidden)
+        return unembed(x, self.embed[...], None if cfg.tie_embeddings else self.lm_head[...])
+
+
+# ----------------------------------------------------------------------------------------
+# Functional boundary: the train state holds parameters as a plain nested dict of arrays.
+# ----------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _graphdef_and_abstract_state(cfg: ModelConfig):
+    abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
+    return nnx.split(abstract)
+
+
+def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
+    """Fresh float32 parameters as a plain nested dict (call under jit to create them sharded)."""
+    model = Llama(cfg, rngs=nnx.Rngs(params=key))
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def abstract_params(cfg: ModelConfig) -> dict:
+    """Shapes/dtypes of the parameters, without allocating them."""
+    return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+
+
+def param_axes(cfg: ModelConfig) -> dict:
+    """Logical axis names of every parameter; stacked layer parameters lead with 'layers'."""
+    _, state = _graphdef_and_abstract_state(cfg)
+
+    def axes_of(path, variable):
+        axes = tuple(variable.get_metadata()["axes"])
+        return ("layers",) + axes if path[0] == "layers" else axes
+
+    return nnx.to_pure_dict(nnx.map_state(axes_of, state))
+
+
+def apply(cfg: ModelConfig, params: dict, tokens: jax.Array, masks: Masks | None = None) -> jax.Array:
+    """Logits [B, T, V] (float32) of the source model with optional pruning masks."""
+    graphdef, abstract_state = _graphdef_and_abstract_state(cfg)
+    state = jax.tree.map(lambda x: x, abstract_state)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)(tokens, masks)
+
+
+def full_masks(cfg: ModelConfig) -> Masks:
+    """Masks that keep every unit."""
+    return {
+        "hidden": jnp.ones((cfg.d_model,), bool),
+        "heads": jnp.ones((cfg.num_layers, cfg.num_heads), bool),
+        "ffn": jnp.ones((cfg.num_layers, cfg.ffn_dim), bool),
+    }

@@ -1,0 +1,44 @@
+"""A ready-to-score language model: compact parameters + tokenizer + a jitted forward.
+
+Export, import (HF, GGUF), generation and evaluation all meet at this one type.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from effllm_jax.arch import ArchSpec
+from effllm_jax.model.compact import apply_compact
+
+
+@dataclasses.dataclass
+class LanguageModel:
+    """Compact parameters with their architecture and (optionally) their tokenizer."""
+
+    spec: ArchSpec
+    params: dict
+    tokenizer: Any = None  # .encode(str) -> list[int], .decode(list[int]) -> str, .eos_id, .bos_id
+
+    def __post_init__(self):
+        self.params = jax.tree.map(jnp.asarray, self.params)
+        spec = self.spec
+        self._forward = jax.jit(functools.partial(apply_compact, spec))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.spec.model_config.vocab_size
+
+    def logits(self, tokens: Any) -> jax.Array:
+        """float32 logits [B, T, V] for int tokens [B, T] (one compilation per shape)."""
+        return self._forward(self.params, jnp.asarray(tokens, jnp.int32))
+
+    def log_probs(self, tokens: Any) -> np.ndarray:
+        """log p(tokens[:, t+1] | tokens[:, :t+1]) as numpy [B, T-1]."""
+        tokens = np.asarray(tokens, np.int32)
+        logp = jax.nn.log_softmax(self.logits(tokens[:, :-1]), axis=-1)
+        return np.asarray(jnp.take_along_axis(logp, jnp.asarray(tokens[:, 1:, None]), -1)[..., 0])

@@ -1,0 +1,226 @@
+r"""Pruning-aware pretraining: the training loop. Reads top to bottom.
+
+  python -m effllm_jax.train --config=configs/tiny.py --workdir=runs/tiny \
+      [--config.prune.target_fraction=0.3 ...]
+
+Re-running with the same --workdir resumes from its latest checkpoint, on any mesh.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from effllm_jax import checkpoint as ckpt_lib
+from effllm_jax import config as config_lib
+from effllm_jax import data as data_lib
+from effllm_jax import mfu, sharding
+from effllm_jax import train_step as ts
+from effllm_jax.arch import ArchSpec
+from effllm_jax.pruning import groups
+from effllm_jax.pruning.schedule import PruneSchedule
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "configs", "tiny.py")
+
+
+def _step_config(config) -> ts.StepConfig:
+    cfg = config_lib.model_config(config)
+    p = config.prune
+    schedule = PruneSchedule(dense_params=groups.dense_params(cfg),
+                             target_params=config_lib.target_params(config),
+                             warmup_steps=int(p.warmup_steps), prune_steps=int(p.prune_steps),
+                             every=int(p.every))
+    return ts.StepConfig(cfg, schedule, config_lib.select_config(config), p.criterion)
+
+
+@dataclasses.dataclass
+class Trainer:
+    """A run's compiled pieces: sharded state creation and the donated train step."""
+
+    step_cfg: ts.StepConfig
+    tx: Any
+    lr_schedule: Any
+    mesh: Any
+    rules: tuple
+    state_shardings: ts.TrainState
+    init: Any  # key -> TrainState, created directly sharded
+    step: Any  # (state, batch) -> (state, metrics)
+
+
+def build_trainer(config, mesh=None) -> Trainer:
+    """Mesh, shardings and the jitted init/step for a validated config."""
+    step_cfg = _step_config(config)
+    mesh = sharding.make_mesh(config.mesh.shape) if mesh is None else mesh
+    rules = tuple((k, v) for k, v in config.mesh.rules)
+    tx, lr_schedule = ts.make_optimizer(config.optim, config.train.steps)
+    state_sh = ts.state_shardings(step_cfg, tx, mesh, rules)
+    init = jax.jit(functools.partial(ts.init_state, step_cfg, tx), out_shardings=state_sh)
+    step = jax.jit(functools.partial(ts.train_step, cfg=step_cfg, tx=tx),
+                   in_shardings=(state_sh, sharding.batch_sharding(mesh, rules)),
+                   out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
+    return Trainer(step_cfg, tx, lr_schedule, mesh, rules, state_sh, init, step)
+
+
+class MetricWriter:
+    """Terminal progress bar + TensorBoard (process 0 only)."""
+
+    def __init__(self, workdir: str, total: int, start: int, enabled: bool):
+        self.enabled = enabled
+        self.bar = self.tb = None
+        if enabled:
+            from tensorboardX import SummaryWriter
+            from tqdm import tqdm
+            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
+                            file=sys.stdout)
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        for name, value in scalars.items():
+            self.tb.add_scalar(name, value, step)
+        self.bar.set_postfix({k: f"{v:.4g}" for k, v in scalars.items()
+                              if k in ("loss", "tok/s", "mfu", "live_M", "pruned")}, refresh=False)
+
+    def advance(self, n: int = 1) -> None:
+        if self.enabled:
+            self.bar.update(n)
+
+    def print(self, text: str) -> None:
+        if self.enabled:
+            self.bar.write(text)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.close()
+            self.tb.close()
+
+
+def run(config, workdir: str) -> tuple[ts.TrainState, ArchSpec]:
+    """Trains (or resumes) the run in `workdir`; returns the final state and architecture."""
+    # ---------------------------------------------------------------- config
+    config_lib.validate(config, jax.device_count())
+    cfg, t = config_lib.model_config(config), config.train
+    is_main = jax.process_index() == 0
+
+    # ---------------------------------------------------------------- input
+    dataset = data_lib.build_dataset(config.data, seq_len=t.seq_len, global_batch=t.global_batch,
+                                     seed=t.seed, workdir=workdir)
+    if dataset.vocab_size > cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {dataset.vocab_size} tokens but model.vocab_size="
+                         f"{cfg.vocab_size}; raise model.vocab_size")
+
+    # ---------------------------------------------------------------- shard
+    trainer = build_trainer(config)
+    step_cfg, tx, mesh, rules = trainer.step_cfg, trainer.tx, trainer.mesh, trainer.rules
+    state_sh, lr_schedule = trainer.state_shardings, trainer.lr_schedule
+
+    # ---------------------------------------------------------------- checkpoint
+    ckpt = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints)
+    if ckpt.latest_step() is not None:
+        step, spec, position = ckpt.restore_meta()
+        if spec.model != dataclasses.asdict(cfg):
+            raise ValueError(f"{workdir} holds a run of a different model ({spec.model}); use a "
+                             f"new --workdir or the same model config")
+        if position.get("seed") != t.seed:
+            raise ValueError(f"{workdir} was trained with train.seed={position.get('seed')}, "
+                             f"not {t.seed}: resuming would change the data order")
+        abstract = jax.eval_shape(lambda: ts.init_state(step_cfg, tx, jax.random.key(t.seed)))
+        state = ckpt.restore_state(ckpt_lib.abstract_with_shardings(abstract, state_sh), step)
+        start = step
+    else:
+        state = trainer.init(jax.random.key(t.seed))
+        start = 0
+    if is_main:
+        ckpt_lib.save_run_config(workdir, config)
+
+    def arch_spec(state, step) -> ArchSpec:
+        return ArchSpec.from_masks(jax.device_get(state.masks), cfg, step,
+                                   step * t.global_batch * t.seq_len)
+
+    def save(state, step):
+        ckpt.save(step, state, arch_spec(state, step), {"step": step, "seed": t.seed,
+                                                         "kind": config.data.kind})
+
+    # ---------------------------------------------------------------- loop
+    writer = MetricWriter(workdir, t.steps, start, is_main)
+    peak = mfu.peak_flops_per_device(t.peak_flops_per_device)
+    tokens_per_step = t.global_batch * t.seq_len
+    dense_flops = mfu.flops_per_token(arch_spec(state, start), t.seq_len, dense=True)
+    pending, window_start, window_steps = None, time.perf_counter(), 0
+    writer.print(f"source model: {groups.dense_params(cfg):,} params; target "
+                 f"{step_cfg.schedule.target_params:,}; pruning events at steps "
+                 f"{step_cfg.schedule.warmup_steps + step_cfg.schedule.every}..."
+                 f"{step_cfg.schedule.last_event} every {step_cfg.schedule.every}; "
+                 f"mesh {dict(mesh.shape)}")
+    for step in range(start + 1, t.steps + 1):
+        local = dataset.local_batch(step - 1, jax.process_index(), jax.process_count())
+        state, metrics = trainer.step(state, sharding.global_batch_array(local, mesh, rules))
+        window_steps += 1
+        # Metrics are read one step late, so the host never waits on the step in flight.
+        if pending is not None:
+            pending_step, pending_metrics = pending
+            if pending_step % t.log_every == 0 or pending_metrics["pruning_event"]:
+                m = jax.device_get(pending_metrics)
+                elapsed = time.perf_counter() - window_start
+                tok_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
+                scalars = {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
+                           "lr": float(lr_schedule(pending_step)), "tok/s": tok_s,
+                           "live_M": float(m["live_params"]) / 1e6,
+                           "dense_M": groups.dense_params(cfg) / 1e6,
+                           "pruned": 1.0 - float(m["live_params"]) / groups.dense_params(cfg),
+                           "pruned_heads": 1.0 - float(m["kept_heads"]) / (cfg.num_layers * cfg.num_heads),
+                           "pruned_ffn": 1.0 - float(m["kept_ffn"]) / (cfg.num_layers * cfg.ffn_dim),
+                           "pruned_hidden": 1.0 - float(m["kept_hidden"]) / cfg.d_model}
+                if peak:
+                    scalars["mfu"] = tok_s * dense_flops / (peak * jax.device_count())
+                writer.write(pending_step, scalars)
+                if m["pruning_event"]:
+                    writer.print(f"step {pending_step}: pruning event -> live "
+                                 f"{scalars['live_M']:.3f}M params ({scalars['pruned']:.1%} "
+                                 f"pruned), loss {scalars['loss']:.3f}")
+                window_start, window_steps = time.perf_counter(), 0
+        pending = (step, metrics)
+        writer.advance()
+        if step % t.checkpoint_every == 0 and step != t.steps:
+            save(state, step)
+    if start < t.steps:
+        save(state, t.steps)
+    ckpt.close()
+    writer.close()
+    spec = arch_spec(state, int(jax.device_get(state.step)))
+    return state, spec
+
+
+def main(argv) -> None:
+    del argv
+    from absl import flags, logging
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
+    config = flags.FLAGS.config
+    workdir = flags.FLAGS.workdir
+    _, spec = run(config, workdir)
+    if jax.process_index() == 0:
+        print("\nArchitecture found by pruning-aware pretraining:")
+        print(spec.summary())
+        print(f"checkpoints: {os.path.join(os.path.abspath(workdir), 'checkpoints')}")
+
+
+def cli() -> None:
+    """Entry point: absl flags with ml_collections config overrides."""
+    from absl import app, flags
+    from ml_collections import config_flags
+    config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "experiment config file",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", "runs/default", "run directory (resumes if it has checkpoints)")
+    app.run(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,38 @@
+"""Test set-up: eight fake CPU devices, so sharding is really exercised.
+
+XLA_FLAGS must be set before jax is imported anywhere, hence at the top of conftest.
+"""
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_threefry_partitionable", True)
+
+import pytest  # noqa: E402
+
+from effllm_jax import config as config_lib  # noqa: E402
+
+
+def make_tiny_config(**train):
+    """A tiny GQA model on synthetic tokens, with pruning events early and often."""
+    c = config_lib.base_config()
+    c.model.update(vocab_size=128, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                   head_dim=8, ffn_dim=48)
+    c.data.update(kind="synthetic", vocab_size=128)
+    c.prune.update(target_fraction=0.45, warmup_steps=2, prune_steps=8, every=2)
+    c.optim.update(lr=1e-2, warmup_steps=2)
+    c.train.update(steps=12, global_batch=8, seq_len=16, log_every=4, checkpoint_every=6)
+    c.train.update(**train)
+    return c
+
+
+@pytest.fixture
+def tiny_config():
+    return make_tiny_config()

@@ -1,0 +1,142 @@
+"""The sharded train step: meshes, pruning inside the step, the schedule, zeros, checkpoints."""
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import make_tiny_config
+
+from effllm_jax import checkpoint as ckpt_lib
+from effllm_jax import sharding, train
+from effllm_jax.arch import ArchSpec
+from effllm_jax.data import build_dataset
+from effllm_jax.pruning import groups
+from effllm_jax.pruning.select import group_scores
+
+CONFIG = make_tiny_config(steps=12)
+MESHES = [(8, 1, 1), (2, 2, 2), (1, 2, 4)]
+
+
+def run_steps(trainer, config, steps):
+    """Runs `steps` steps from a fresh state; returns (state, per-step metrics)."""
+    t = config.train
+    data = build_dataset(config.data, seq_len=t.seq_len, global_batch=t.global_batch, seed=t.seed)
+    state = trainer.init(jax.random.key(t.seed))
+    history = []
+    for i in range(steps):
+        batch = sharding.global_batch_array(data.local_batch(i), trainer.mesh, trainer.rules)
+        state, metrics = trainer.step(state, batch)
+        history.append(jax.device_get(metrics))
+    return state, history
+
+
+@pytest.fixture(scope="module")
+def runs():
+    """One compiled trainer and a 12-step run (5 pruning events) per mesh."""
+    out = {}
+    for shape in MESHES:
+        trainer = train.build_trainer(CONFIG, sharding.make_mesh(shape))
+        state, history = run_steps(trainer, CONFIG, CONFIG.train.steps)
+        out[shape] = (trainer, state, history)
+    return out
+
+
+def test_same_loss_on_every_mesh(runs):
+    losses = {shape: np.array([m["loss"] for m in h]) for shape, (_, _, h) in runs.items()}
+    for shape in MESHES[1:]:
+        np.testing.assert_allclose(losses[shape], losses[MESHES[0]], rtol=2e-5, atol=2e-5)
+    assert losses[MESHES[0]][-1] < losses[MESHES[0]][0]  # it learns
+
+
+def test_params_really_are_sharded(runs):
+    trainer, state, _ = runs[(1, 2, 4)]
+    wq = state.params["layers"]["attn"]["wq"]  # [L, D, H, hd]: embed over fsdp, heads over tensor
+    assert wq.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    assert len(wq.addressable_shards) == 8 and wq.addressable_shards[0].data.shape == (2, 16, 1, 8)
+
+
+def test_masks_change_inside_the_step_without_recompiling(runs):
+    trainer, state, history = runs[(2, 2, 2)]
+    events = [i + 1 for i, m in enumerate(history) if m["pruning_event"]]
+    assert events == trainer.step_cfg.schedule.event_steps() == [4, 6, 8, 10]
+    live = [float(m["live_params"]) for m in history]
+    assert len(set(live[e - 1] for e in events)) == len(events)  # every event removed something
+    assert trainer.step._cache_size() == 1  # one compilation for all 12 steps and 4 events
+
+
+def test_live_params_follow_the_schedule_and_end_at_target(runs):
+    trainer, state, history = runs[(8, 1, 1)]
+    schedule = trainer.step_cfg.schedule
+    masks = jax.tree.map(np.asarray, jax.device_get(state.masks))
+    biggest_group = max(float(np.max(c)) for _, c in group_scores(
+        jax.tree.map(jnp.asarray, masks), jax.tree.map(jnp.zeros_like, state.saliency),
+        trainer.step_cfg.model, "mean").values())
+    for i, m in enumerate(history):
+        step = i + 1
+        budget = float(schedule.budget(step))
+        if m["pruning_event"]:
+            assert budget - 2 * biggest_group <= m["live_params"] <= budget
+        if step <= schedule.warmup_steps:
+            assert m["live_params"] == schedule.dense_params
+    final = float(history[-1]["live_params"])
+    assert schedule.target_params - 2 * biggest_group <= final <= schedule.target_params
+    spec = ArchSpec.from_masks(masks, trainer.step_cfg.model)
+    assert spec.live_params == final
+
+
+def test_pruned_weights_and_adam_moments_stay_exactly_zero(runs):
+    trainer, state, _ = runs[(1, 2, 4)]
+    pmask = groups.param_masks(jax.device_get(state.masks), trainer.step_cfg.model)
+    trees = [state.params, optax.tree_utils.tree_get(state.opt_state, "mu"),
+             optax.tree_utils.tree_get(state.opt_state, "nu")]
+    dead_total = 0
+    for tree in trees:
+        for x, m in zip(jax.tree.leaves(tree), jax.tree.leaves(pmask)):
+            dead = ~np.broadcast_to(np.asarray(m), x.shape)
+            dead_total += dead.sum()
+            assert np.all(np.asarray(x)[dead] == 0.0)
+    assert dead_total > 0
+
+
+def _assert_trees_equal(a, b):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb):
+        np.testing.assert_array_equal(np.asarray(jax.device_get(x)), np.asarray(jax.device_get(y)))
+
+
+def test_save_restore_is_bit_identical_also_onto_another_mesh(runs, tmp_path):
+    trainer, state, _ = runs[(2, 2, 2)]
+    spec = ArchSpec.from_masks(jax.device_get(state.masks), trainer.step_cfg.model, 12, 1536)
+    ckpt = ckpt_lib.Checkpointer(str(tmp_path), keep=2)
+    ckpt.save(12, state, spec, {"step": 12, "seed": 0})
+    ckpt.wait()
+    step, spec2, position = ckpt.restore_meta()
+    assert (step, spec2, position) == (12, spec, {"step": 12, "seed": 0})
+    for shape in [(2, 2, 2), (1, 2, 4)]:
+        target = runs[shape][0]
+        abstract = jax.eval_shape(lambda: target.init(jax.random.key(0)))
+        restored = ckpt.restore_state(
+            ckpt_lib.abstract_with_shardings(abstract, target.state_shardings))
+        _assert_trees_equal(restored, state)
+        wq = restored.params["layers"]["attn"]["wq"]
+        assert wq.sharding == target.state_shardings.params["layers"]["attn"]["wq"]
+    ckpt.close()
+
+
+def test_run_resumes_exactly_after_a_crash(tmp_path):
+    """A run killed after its step-6 checkpoint and restarted ends bit-identical."""
+    config = make_tiny_config(steps=8, checkpoint_every=4)
+    config.mesh.shape = (4, 2, 1)
+    full_state, full_spec = train.run(config, str(tmp_path / "full"))
+    crashed = tmp_path / "crashed"
+    train.run(config, str(crashed))
+    shutil.rmtree(crashed / "checkpoints" / "8")  # as if the process died before step 8's save
+    resumed_state, resumed_spec = train.run(config, str(crashed))
+    assert resumed_spec == full_spec
+    _assert_trees_equal(resumed_state, full_state)
+    loaded = ckpt_lib.load_inference(str(crashed))
+    assert loaded.step == 8 and loaded.spec.live_params == full_spec.live_params
+    _assert_trees_equal(loaded.params, full_state.params)
