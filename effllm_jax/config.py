@@ -35,6 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
         uniform_layers=False,  # True: equal head/FFN widths in every layer
         group_types=("heads", "ffn", "hidden"),
         rounds=3,
+        round_to=1,  # FFN and hidden widths stay multiples of this (e.g. 8, 64, 128)
     ))
     c.optim = ml_collections.ConfigDict(dict(
         lr=3e-3, min_lr_ratio=0.1, warmup_steps=50, weight_decay=0.1, b1=0.9, b2=0.95,
@@ -57,7 +58,8 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
 def select_config(config: ml_collections.ConfigDict) -> select.SelectConfig:
     p = config.prune
     return select.SelectConfig(reduction=p.reduction, uniform_layers=bool(p.uniform_layers),
-                               group_types=tuple(p.group_types), rounds=int(p.rounds))
+                               group_types=tuple(p.group_types), rounds=int(p.rounds),
+                               round_to=int(p.round_to))
 
 
 def target_params(config: ml_collections.ConfigDict) -> int:
@@ -98,6 +100,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     for name in ("warmup_steps", "prune_steps", "every"):
         if int(p[name]) < (0 if name == "warmup_steps" else 1):
             raise ValueError(f"prune.{name}={p[name]} is out of range")
+    if int(p.round_to) < 1 or int(p.rounds) < 1:
+        raise ValueError(f"prune.round_to={p.round_to} and prune.rounds={p.rounds} must be >= 1")
     if p.criterion not in saliency.CRITERIA:
         raise ValueError(f"prune.criterion={p.criterion!r}; expected one of {saliency.CRITERIA}")
     if p.reduction not in select.REDUCTIONS:

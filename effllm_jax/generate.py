@@ -63,7 +63,9 @@ def _step_fn(spec_json: str, top_k: int | None):
         if top_k is not None:
             kth = jax.lax.top_k(scaled, top_k)[0][:, -1:]
             scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
-        sampled = jax.random.categorical(key, scaled, axis=-1)
+        # one key per row, so a row's samples do not depend on what else is in the batch
+        keys = jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(tokens.shape[0]))
+        sampled = jax.vmap(jax.random.categorical)(keys, scaled)
         return jnp.where(temperature > 0, sampled, jnp.argmax(logits, axis=-1)), logits
 
     return step

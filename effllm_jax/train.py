@@ -203,6 +203,8 @@ def main(argv) -> None:
     del argv
     from absl import flags, logging
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
+    if os.environ.get("EFFLLM_DISTRIBUTED") == "1":  # set by launch/tpu_pod.sh on every worker
+        jax.distributed.initialize()
     config = flags.FLAGS.config
     workdir = flags.FLAGS.workdir
     _, spec = run(config, workdir)

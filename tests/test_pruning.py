@@ -101,3 +101,23 @@ def test_gqa_kv_head_goes_only_with_its_last_query_head():
     full = groups.dense_params(CFG)
     # two heads (q rows + o columns: 2 d*hd each) and one KV head (k + v rows: 2 d*hd)
     assert int(groups.count_params(masks, CFG)) == full - 6 * CFG.d_model * CFG.head_dim
+
+
+@pytest.mark.parametrize("uniform", [False, True])
+def test_round_to_keeps_ffn_and_hidden_widths_multiples(uniform):
+    cfg = llama.ModelConfig(vocab_size=64, d_model=32, num_layers=3, num_heads=4,
+                            num_kv_heads=2, head_dim=4, ffn_dim=48)
+    rng = np.random.default_rng(7)
+    sal = {"heads": jnp.asarray(rng.random((3, 4)), jnp.float32),
+           "kv_heads": jnp.asarray(rng.random((3, 2)), jnp.float32),
+           "ffn": jnp.asarray(rng.random((3, 48)), jnp.float32),
+           "hidden": jnp.asarray(rng.random(32), jnp.float32), "steps": jnp.ones(())}
+    masks = llama.full_masks(cfg)
+    sel = SelectConfig(round_to=8, uniform_layers=uniform)
+    for frac in (0.8, 0.6):
+        new = select(masks, sal, cfg, groups.dense_params(cfg) * frac, sel)
+        assert all(int(n) % 8 == 0 for n in np.asarray(new["ffn"]).sum(1))
+        assert int(np.asarray(new["hidden"]).sum()) % 8 == 0
+        assert not np.any(np.asarray(new["ffn"]) & ~np.asarray(masks["ffn"]))
+        masks = new
+    assert float(groups.count_params(masks, cfg)) < groups.dense_params(cfg) * 0.8

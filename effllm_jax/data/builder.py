@@ -71,11 +71,11 @@ def resolve_tokenizer(tcfg: Any, docs: Sequence[Document], digests: Sequence[str
     return _trained_tokenizer(tcfg, docs, digests, root, num_threads)
 
 
-def _weights(config_weights: Any, train: dict[str, Any], seq_len: int) -> dict[str, float]:
+def _weights(config_weights: Any, train: dict[str, Any]) -> dict[str, float]:
     """Normalised mixture weights; none configured means proportional to each source's size."""
     weights = as_tuple(config_weights)
     if not weights:
-        weights = tuple((s.num_tokens - 1) // seq_len for s in train.values())
+        weights = tuple(s.num_tokens for s in train.values())
     if len(weights) != len(train):
         raise DataError(f"config.data.weights has {len(weights)} entries for {len(train)} sources {list(train)}")
     try:
@@ -118,7 +118,7 @@ def build_corpus_dataset(cfg: Any, *, seq_len: int, global_batch: int, seed: int
                                            add_bos=cfg.add_bos, num_threads=threads)
                    for spec in specs if heldout[spec]}
     ds = CorpusDataset(tokenizer, seq_len, global_batch, seed, train_stores, held_stores,
-                       _weights(cfg.weights, train_stores, seq_len),
+                       _weights(cfg.weights, train_stores),
                        info={"heldout_documents": [d.name for spec in specs for d in heldout[spec]],
                              "cache_dir": str(root)})
     if held_stores and ds.num_validation_windows == 0:

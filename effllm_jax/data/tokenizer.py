@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import re
 from pathlib import Path
@@ -24,7 +23,6 @@ import sentencepiece as spm
 from effllm_jax.data.fetch import DataError, atomic_write_bytes
 
 MODEL_FILENAME = "tokenizer.model"
-INFO_FILENAME = "tokenizer.json"
 # Documents longer than this are encoded in pieces (bounded memory, parallel threads).
 MAX_PIECE_CHARS = 1 << 14
 _SAFE_SPLIT = re.compile(r"(?<=\S) (?=\S)")  # a lone space between words: a piece boundary
@@ -80,14 +78,14 @@ class Tokenizer:
         return self._sp.id_to_piece(int(token_id))
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Writes `tokenizer.model` (+ `tokenizer.json` info) into directory `path`, or to file `path`."""
+        """Writes the model as `path/tokenizer.model` (or to `path` if it ends in .model).
+
+        Only the .model file is written (no JSON beside it): a Hugging Face export directory
+        treats `tokenizer.json` as its own format, and the run's `data.json` records the ids.
+        """
         path = Path(path)
         model_path = path if path.suffix == ".model" else path / MODEL_FILENAME
         atomic_write_bytes(model_path, self.model_proto)
-        info = {"sha256": self.sha256, "vocab_size": self.vocab_size, "eos_id": self.eos_id,
-                "bos_id": self.bos_id, "pad_id": self.pad_id, "source": self.source}
-        atomic_write_bytes(model_path.with_name(INFO_FILENAME) if path.suffix != ".model"
-                           else model_path.with_suffix(".json"), json.dumps(info, indent=1).encode())
         return model_path
 
     # -- bulk encoding for pre-tokenisation ---------------------------------------------
@@ -132,10 +130,11 @@ class Tokenizer:
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """Loads a SentencePiece model from a .model file or a directory holding `tokenizer.model`."""
+    """Loads a SentencePiece model: a .model file, or a directory with tokenizer.model (or one *.model)."""
     path = Path(path).expanduser()
     if path.is_dir():
-        path = path / MODEL_FILENAME
+        candidates = sorted(path.glob("*.model"))
+        path = path / MODEL_FILENAME if (path / MODEL_FILENAME).is_file() or len(candidates) != 1 else candidates[0]
     if not path.is_file():
         raise DataError(f"tokenizer model not found: {path}")
     proto = path.read_bytes()
@@ -183,6 +182,7 @@ def train_tokenizer(texts: Sequence[str], *, vocab_size: int, model_type: str = 
             shuffle_input_sentence=True, num_threads=_threads(num_threads), minloglevel=2)
     except RuntimeError as e:
         raise DataError(f"SentencePiece training failed for vocab_size={vocab_size} on "
-                        f"{sum(map(len, texts))} characters: {e}. If the vocabulary is too large for "
-                        "this corpus, lower config.data.tokenizer.vocab_size") from e
+                        f"{sum(map(len, texts))} characters ({e}); adjust config.data.tokenizer.vocab_size: "
+                        "it must exceed 259 + the distinct characters, and a small corpus supports "
+                        "only a small vocabulary") from e
     return Tokenizer(model.getvalue(), source=f"trained:{model_type}:{vocab_size}")

@@ -32,7 +32,7 @@ def load_model(checkpoint: str, tokenizer: str | None = None) -> Any:
                          "it is needed to load --checkpoint") from e
     lm = load_language_model(checkpoint)
     if tokenizer:
-        from effllm_jax.data import load_tokenizer
+        from effllm_jax.export.tokenizer_io import load_tokenizer  # ours, SentencePiece or HF
         lm.tokenizer = load_tokenizer(tokenizer)
     if getattr(lm, "tokenizer", None) is None:
         raise SystemExit(f"{checkpoint} has no tokenizer; pass --tokenizer=PATH")

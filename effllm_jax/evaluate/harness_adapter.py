@@ -12,10 +12,8 @@ or, in Python, `lm_eval.simple_evaluate(model=as_harness_lm(lm), tasks=[...])`.
 from __future__ import annotations
 
 import importlib
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from effllm_jax.evaluate.perplexity import token_loglikelihood_rolling
@@ -31,44 +29,40 @@ def _args(request: Any) -> tuple:
     return tuple(request.args) if hasattr(request, "args") else tuple(request)
 
 
-def _make_next_token(lm: Any):
-    """(tokens [1, W], position) -> greedy next token id, without moving [W, V] logits to host."""
+def _make_next_token(lm: Any, max_length: int) -> Callable[[list[int]], int]:
+    """token ids -> greedy next token id (a LanguageModel unembeds the last position only)."""
     from effllm_jax.model.lm import LanguageModel
 
     if isinstance(lm, LanguageModel):
-        from effllm_jax.model.compact import apply_compact
+        from effllm_jax.generate import next_token_logits  # bucketed, jitted per architecture
 
-        spec = lm.spec
+        return lambda ids: int(np.argmax(next_token_logits(lm, [ids])[0]))
 
-        @jax.jit
-        def step(params, tokens, pos):
-            logits = apply_compact(spec, params, tokens)
-            return jnp.argmax(jax.lax.dynamic_index_in_dim(logits[0], pos, keepdims=False))
+    def stub_next(ids: list[int]) -> int:  # any object with .logits(tokens [B, T])
+        width = pick_bucket(len(ids), DEFAULT_BUCKETS, max_length)
+        tokens = np.zeros((1, width), np.int32)
+        tokens[0, :len(ids)] = ids
+        return int(np.argmax(np.asarray(lm.logits(tokens))[0, len(ids) - 1]))
 
-        return lambda tokens, pos: int(step(lm.params, tokens, pos))
-    return lambda tokens, pos: int(np.argmax(np.asarray(lm.logits(tokens))[0, pos]))
+    return stub_next
 
 
 def greedy_generate(lm: Any, prompt: str, *, until: Sequence[str] = (),
-                    max_new_tokens: int = DEFAULT_MAX_GEN_TOKS, max_length: int | None = None,
-                    buckets: Sequence[int] = DEFAULT_BUCKETS) -> str:
+                    max_new_tokens: int = DEFAULT_MAX_GEN_TOKS, max_length: int | None = None
+                    ) -> str:
     """Greedy continuation of `prompt`, cut at the first stop string or EOS.
 
-    No KV cache (the model exposes only full forwards), so each token re-runs the window; the
-    window is padded to a bucket so the number of compilations stays small.
+    No KV cache (the model exposes only full forwards), so each token re-runs the window,
+    padded to a length bucket so compilations stay few.
     """
     tok = lm.tokenizer
     max_length = max_length or model_max_length(lm)
     ids = list(tok.encode(prompt)) or [prefix_token_id(tok)]
-    next_token = _make_next_token(lm)
+    next_token = _make_next_token(lm, max_length)
     eos = getattr(tok, "eos_id", None)
     start, out = len(ids), ""
     for _ in range(max_new_tokens):
-        window = ids[-max_length:]
-        width = pick_bucket(len(window), buckets, max_length)
-        tokens = np.zeros((1, width), np.int32)
-        tokens[0, :len(window)] = window
-        token = next_token(tokens, len(window) - 1)
+        token = next_token(ids[-max_length:])  # left-truncated to the context length
         if eos is not None and token == eos:
             break
         ids.append(token)

@@ -39,7 +39,7 @@ def token_nll(logits: jax.Array, targets: jax.Array, weights: jax.Array | None =
 
 
 def eval_loss(logits_fn: Callable[[jax.Array], jax.Array], batches: Sequence[np.ndarray]) -> float:
-    """Mean next-token NLL over batches of int tokens [B, T+1] (inputs [:, :-1], targets [:, 1:])."""
+    """Mean next-token NLL over int token batches [B, T+1] (inputs [:, :-1], targets [:, 1:])."""
     total, count = 0.0, 0.0
     for batch in batches:
         batch = jnp.asarray(batch, jnp.int32)

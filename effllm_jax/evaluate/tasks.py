@@ -276,7 +276,8 @@ def load_jsonl_items(path: str | Path, limit: int | None = None) -> list[Multipl
             if not isinstance(doc.get("context"), str):
                 raise ValueError(f"{where}: item needs a string 'context'")
             label = doc.get("label")
-            if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(choices):
+            is_int = isinstance(label, int) and not isinstance(label, bool)
+            if not is_int or not 0 <= label < len(choices):
                 raise ValueError(f"{where}: 'label' must be an int in [0, {len(choices)}), "
                                  f"got {label!r}")
             items.append(MultipleChoiceItem.from_choices(

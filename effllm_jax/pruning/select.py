@@ -32,6 +32,7 @@ class SelectConfig:
     uniform_layers: bool = False  # heads/FFN removed as per-layer slices (equal widths)
     group_types: tuple[str, ...] = GROUP_TYPES  # which group types may be pruned
     rounds: int = 3  # re-rank with updated sizes; sizes shrink as other groups go
+    round_to: int = 1  # keep FFN and hidden widths multiples of this (8, 64, 128 for MXUs)
 
 
 def group_scores(masks: Masks, saliency: dict, cfg: ModelConfig, reduction: str) -> dict:
@@ -100,7 +101,22 @@ def _select_once(masks: Masks, saliency: dict, cfg: ModelConfig, budget, sel: Se
     for name, n, to_mask in zip(GROUP_TYPES, sizes, unpack):
         new_masks[name] = masks[name] & ~to_mask(removed[offset:offset + n])
         offset += n
+    if sel.round_to > 1:
+        for name in ("ffn", "hidden"):
+            new_masks[name] = _round_widths(masks[name], new_masks[name], scored[name][0],
+                                            sel.round_to)
     return new_masks
+
+
+def _round_widths(old: jax.Array, new: jax.Array, score: jax.Array, multiple: int) -> jax.Array:
+    """Keeps the most salient units of each row so the kept count is the multiple nearest the
+    selection's (never more than were alive before: no revival)."""
+    kept = new.sum(-1, keepdims=True)
+    rounded = jnp.round(kept / multiple) * multiple
+    rounded = jnp.clip(rounded, 0, old.sum(-1, keepdims=True))
+    key = jnp.where(old, score, -jnp.inf)
+    rank = jnp.argsort(jnp.argsort(-key, axis=-1), axis=-1)  # 0 = most salient
+    return old & (rank < rounded)
 
 
 def select(masks: Masks, saliency: dict, cfg: ModelConfig, budget, sel: SelectConfig) -> Masks:
