@@ -42,7 +42,9 @@ def base_config() -> ml_collections.ConfigDict:
         eps=1e-8, grad_clip=1.0))
     c.train = ml_collections.ConfigDict(dict(
         steps=400, global_batch=16, seq_len=128, seed=0, log_every=10,
-        checkpoint_every=100, keep_checkpoints=3, peak_flops_per_device=0.0))
+        checkpoint_every=100, keep_checkpoints=3, peak_flops_per_device=0.0,
+        eval_every=100,  # held-out loss every N steps and at the end (0: never)
+        eval_batches=8))
     c.mesh = ml_collections.ConfigDict(dict(
         shape=(-1, 1, 1),  # (data, fsdp, tensor); one -1 fills the remaining devices
         rules=sharding.DEFAULT_RULES,

@@ -40,14 +40,17 @@ def bucket_length(n: int, min_bucket: int = 32) -> int:
 
 
 @functools.lru_cache(maxsize=16)
-def _step_fn(spec_json: str, top_k: int | None):
-    """Jitted (params, tokens [B,T], pos [B], key, temperature) -> (next [B], logits [B,V])."""
+def _step_fn(spec_json: str):
+    """Jitted (params, tokens [B,T], pos [B], key, temperature, top_k) -> (next [B], logits [B,V]).
+
+    temperature and top_k are traced, so greedy and sampling share one compilation.
+    """
     spec = ArchSpec.from_json(spec_json)
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: CompactLlama(spec, rngs=nnx.Rngs(0))))
     cfg = spec.model_config
 
     @jax.jit
-    def step(params, tokens, pos, key, temperature):
+    def step(params, tokens, pos, key, temperature, top_k):
         state = jax.tree.map(lambda x: x, abstract)
         nnx.replace_by_pure_dict(state, params)
         model = nnx.merge(graphdef, state)
@@ -60,9 +63,8 @@ def _step_fn(spec_json: str, top_k: int | None):
         head = None if cfg.tie_embeddings else model.lm_head[...]
         logits = unembed(x, model.embed[...], head)[:, 0]
         scaled = logits / jnp.maximum(temperature, 1e-6)
-        if top_k is not None:
-            kth = jax.lax.top_k(scaled, top_k)[0][:, -1:]
-            scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
+        kth = jnp.sort(scaled, axis=-1)[:, scaled.shape[-1] - top_k][:, None]
+        scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
         # one key per row, so a row's samples do not depend on what else is in the batch
         keys = jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(tokens.shape[0]))
         sampled = jax.vmap(jax.random.categorical)(keys, scaled)
@@ -77,9 +79,9 @@ def next_token_logits(lm: LanguageModel, tokens: Sequence[Sequence[int]]) -> np.
     buf = np.zeros((len(tokens), bucket_length(lengths.max())), np.int32)
     for b, row in enumerate(tokens):
         buf[b, :len(row)] = row
-    step = _step_fn(json.dumps(lm.spec.to_json(), sort_keys=True), None)
+    step = _step_fn(json.dumps(lm.spec.to_json(), sort_keys=True))
     _, logits = step(lm.params, buf, jnp.asarray(lengths - 1, jnp.int32), jax.random.key(0),
-                     jnp.float32(0.0))
+                     jnp.float32(0.0), jnp.int32(1))
     return np.asarray(logits)
 
 
@@ -106,7 +108,11 @@ def generate_batch(lm: LanguageModel, prompts: Sequence[str | Sequence[int]], *,
         rows.append(ids)
     if eos_id is None and tok is not None:
         eos_id = tok.eos_id
-    step = _step_fn(json.dumps(lm.spec.to_json(), sort_keys=True), top_k)
+    step = _step_fn(json.dumps(lm.spec.to_json(), sort_keys=True))
+    vocab = lm.spec.model_config.vocab_size
+    if top_k is not None and not 1 <= top_k <= vocab:
+        raise ValueError(f"top_k={top_k} must lie in [1, {vocab}]")
+    k = jnp.int32(vocab if top_k is None else top_k)
     lengths = np.asarray([len(r) for r in rows])
     new: list[list[int]] = [[] for _ in rows]
     done = np.zeros(len(rows), bool)
@@ -117,7 +123,7 @@ def generate_batch(lm: LanguageModel, prompts: Sequence[str | Sequence[int]], *,
     for i in range(max_new_tokens):
         width = bucket_length(lengths.max(), min_bucket)  # grows with the sequence
         nxt, _ = step(lm.params, buf[:, :width], jnp.asarray(lengths - 1, jnp.int32),
-                      jax.random.fold_in(key, i), jnp.float32(temperature))
+                      jax.random.fold_in(key, i), jnp.float32(temperature), k)
         nxt = np.asarray(nxt)
         for b in np.flatnonzero(~done):
             token = int(nxt[b])

@@ -52,6 +52,7 @@ class Trainer:
     state_shardings: ts.TrainState
     init: Any  # key -> TrainState, created directly sharded
     step: Any  # (state, batch) -> (state, metrics)
+    eval_loss: Any  # (params, masks, batch) -> mean held-out loss of the masked model
 
 
 def build_trainer(config, mesh=None) -> Trainer:
@@ -65,41 +66,61 @@ def build_trainer(config, mesh=None) -> Trainer:
     step = jax.jit(functools.partial(ts.train_step, cfg=step_cfg, tx=tx),
                    in_shardings=(state_sh, sharding.batch_sharding(mesh, rules)),
                    out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
-    return Trainer(step_cfg, tx, lr_schedule, mesh, rules, state_sh, init, step)
+    eval_loss = jax.jit(functools.partial(ts.eval_loss, cfg=step_cfg.model),
+                        in_shardings=(state_sh.params, state_sh.masks,
+                                      sharding.batch_sharding(mesh, rules)))
+    return Trainer(step_cfg, tx, lr_schedule, mesh, rules, state_sh, init, step, eval_loss)
+
+
+def evaluate_heldout(trainer: Trainer, state: ts.TrainState, dataset, num_batches: int) -> float | None:
+    """Mean loss of the masked model over the first held-out batches (None if there are none)."""
+    losses = [trainer.eval_loss(state.params, state.masks,
+                                sharding.global_batch_array(b, trainer.mesh, trainer.rules))
+              for b in dataset.validation_batches(num_batches, process_index=jax.process_index(),
+                                                  process_count=jax.process_count())]
+    return float(np.mean(jax.device_get(losses))) if losses else None
 
 
 class MetricWriter:
-    """Terminal progress bar + TensorBoard (process 0 only)."""
+    """Progress bar on a terminal (plain log lines otherwise) + TensorBoard; process 0 only."""
+
+    SHOWN = ("loss", "eval_loss", "tok/s", "mfu", "live_M", "pruned")
 
     def __init__(self, workdir: str, total: int, start: int, enabled: bool):
         self.enabled = enabled
         self.bar = self.tb = None
         if enabled:
             from tensorboardX import SummaryWriter
-            from tqdm import tqdm
             self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
-                            file=sys.stdout)
+            if sys.stdout.isatty():
+                from tqdm import tqdm
+                self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
 
-    def write(self, step: int, scalars: dict[str, float]) -> None:
+    def write(self, step: int, scalars: dict[str, float], quiet: bool = False) -> None:
         if not self.enabled:
             return
         for name, value in scalars.items():
             self.tb.add_scalar(name, value, step)
-        self.bar.set_postfix({k: f"{v:.4g}" for k, v in scalars.items()
-                              if k in ("loss", "tok/s", "mfu", "live_M", "pruned")}, refresh=False)
+        if quiet:
+            return
+        shown = {k: f"{scalars[k]:.4g}" for k in self.SHOWN if k in scalars}
+        if self.bar is not None:
+            self.bar.set_postfix(shown, refresh=False)
+        else:
+            print(f"step {step}: " + ", ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
 
     def advance(self, n: int = 1) -> None:
-        if self.enabled:
+        if self.bar is not None:
             self.bar.update(n)
 
     def print(self, text: str) -> None:
         if self.enabled:
-            self.bar.write(text)
+            (self.bar.write if self.bar is not None else print)(text)
 
     def close(self) -> None:
-        if self.enabled:
+        if self.bar is not None:
             self.bar.close()
+        if self.tb is not None:
             self.tb.close()
 
 
@@ -154,43 +175,51 @@ def run(config, workdir: str) -> tuple[ts.TrainState, ArchSpec]:
     peak = mfu.peak_flops_per_device(t.peak_flops_per_device)
     tokens_per_step = t.global_batch * t.seq_len
     dense_flops = mfu.flops_per_token(arch_spec(state, start), t.seq_len, dense=True)
-    pending, window_start, window_steps = None, time.perf_counter(), 0
-    writer.print(f"source model: {groups.dense_params(cfg):,} params; target "
-                 f"{step_cfg.schedule.target_params:,}; pruning events at steps "
-                 f"{step_cfg.schedule.warmup_steps + step_cfg.schedule.every}..."
-                 f"{step_cfg.schedule.last_event} every {step_cfg.schedule.every}; "
+    dense = groups.dense_params(cfg)
+    window = {"start": time.perf_counter(), "steps": 0}
+
+    def log(step: int, metrics: dict) -> None:
+        m = jax.device_get(metrics)
+        tok_s = window["steps"] * tokens_per_step / max(time.perf_counter() - window["start"], 1e-9)
+        scalars = {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
+                   "lr": float(lr_schedule(step)), "tok/s": tok_s,
+                   "live_M": float(m["live_params"]) / 1e6, "dense_M": dense / 1e6,
+                   "pruned": 1.0 - float(m["live_params"]) / dense,
+                   "pruned_heads": 1.0 - float(m["kept_heads"]) / (cfg.num_layers * cfg.num_heads),
+                   "pruned_ffn": 1.0 - float(m["kept_ffn"]) / (cfg.num_layers * cfg.ffn_dim),
+                   "pruned_hidden": 1.0 - float(m["kept_hidden"]) / cfg.d_model}
+        if peak:
+            scalars["mfu"] = tok_s * dense_flops / (peak * jax.device_count())
+        writer.write(step, scalars)
+        if m["pruning_event"]:
+            writer.print(f"step {step}: pruning event -> live {scalars['live_M']:.3f}M params "
+                         f"({scalars['pruned']:.1%} pruned), loss {scalars['loss']:.3f}")
+        window.update(start=time.perf_counter(), steps=0)
+
+    writer.print(f"source model: {dense:,} params; target {step_cfg.schedule.target_params:,}; "
+                 f"pruning events every {step_cfg.schedule.every} steps from step "
+                 f"{step_cfg.schedule.warmup_steps + 1} to {step_cfg.schedule.last_event}; "
                  f"mesh {dict(mesh.shape)}")
+    pending = None
     for step in range(start + 1, t.steps + 1):
         local = dataset.local_batch(step - 1, jax.process_index(), jax.process_count())
         state, metrics = trainer.step(state, sharding.global_batch_array(local, mesh, rules))
-        window_steps += 1
+        window["steps"] += 1
         # Metrics are read one step late, so the host never waits on the step in flight.
-        if pending is not None:
-            pending_step, pending_metrics = pending
-            if pending_step % t.log_every == 0 or pending_metrics["pruning_event"]:
-                m = jax.device_get(pending_metrics)
-                elapsed = time.perf_counter() - window_start
-                tok_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
-                scalars = {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
-                           "lr": float(lr_schedule(pending_step)), "tok/s": tok_s,
-                           "live_M": float(m["live_params"]) / 1e6,
-                           "dense_M": groups.dense_params(cfg) / 1e6,
-                           "pruned": 1.0 - float(m["live_params"]) / groups.dense_params(cfg),
-                           "pruned_heads": 1.0 - float(m["kept_heads"]) / (cfg.num_layers * cfg.num_heads),
-                           "pruned_ffn": 1.0 - float(m["kept_ffn"]) / (cfg.num_layers * cfg.ffn_dim),
-                           "pruned_hidden": 1.0 - float(m["kept_hidden"]) / cfg.d_model}
-                if peak:
-                    scalars["mfu"] = tok_s * dense_flops / (peak * jax.device_count())
-                writer.write(pending_step, scalars)
-                if m["pruning_event"]:
-                    writer.print(f"step {pending_step}: pruning event -> live "
-                                 f"{scalars['live_M']:.3f}M params ({scalars['pruned']:.1%} "
-                                 f"pruned), loss {scalars['loss']:.3f}")
-                window_start, window_steps = time.perf_counter(), 0
+        if pending is not None and (pending[0] % t.log_every == 0 or pending[1]["pruning_event"]):
+            log(*pending)
         pending = (step, metrics)
         writer.advance()
+        if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
+            heldout = evaluate_heldout(trainer, state, dataset, t.eval_batches)
+            if heldout is not None:
+                writer.write(step, {"eval_loss": heldout}, quiet=True)
+                writer.print(f"step {step}: held-out loss {heldout:.4f} "
+                             f"(perplexity {np.exp(heldout):.1f})")
         if step % t.checkpoint_every == 0 and step != t.steps:
             save(state, step)
+    if pending is not None:
+        log(*pending)
     if start < t.steps:
         save(state, t.steps)
     ckpt.close()

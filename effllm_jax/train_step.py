@@ -145,6 +145,6 @@ def train_step(state: TrainState, batch: jax.Array, *, cfg: StepConfig,
     return state, metrics
 
 
-def eval_loss(params: dict, masks: dict, batch: jax.Array, cfg: ModelConfig) -> jax.Array:
+def eval_loss(params: dict, masks: dict, batch: jax.Array, *, cfg: ModelConfig) -> jax.Array:
     """Mean next-token loss of the masked model on a [B, T+1] batch."""
     return cross_entropy(llama.apply(cfg, params, batch[:, :-1], masks), batch[:, 1:])

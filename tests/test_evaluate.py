@@ -95,6 +95,8 @@ def test_encode_pair_moves_trailing_space_and_handles_empty_context():
     assert tok.decode(ctx) == "Answer:" and tok.decode(cont) == " yes"
     ctx, cont = scoring.encode_pair(tok, "", "hi")
     assert ctx == [tok.bos_id] and cont == tok.encode("hi")
+    ctx, cont = scoring.encode_pair(tok, "  ", "hi")
+    assert ctx == [tok.bos_id] and cont == tok.encode("  hi")
     ctx, _ = scoring.encode_pair(tok, "Q:", " a", add_bos=True)
     assert ctx[0] == tok.bos_id and tok.decode(ctx[1:]) == "Q:"
 
@@ -260,6 +262,15 @@ def test_item_without_choices_is_a_clear_error(tmp_path):
         tasks.load_task(str(path))
     with pytest.raises(ValueError, match="at least one choice"):
         MultipleChoiceItem.from_choices("x", [], 0)
+    # A built-in task file whose row has no choices names the task and the row.
+    import pyarrow as pa
+    target = tasks.task_file("piqa", tmp_path)
+    target.parent.mkdir(parents=True)
+    table = pa.table({"goal": ["g"], "sol1": [""], "sol2": [""], "label": [5]})
+    with pa.OSFile(str(target), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    with pytest.raises(ValueError, match=r"piqa: row 0 of .* could not be built"):
+        tasks.load_task("piqa", data_dir=tmp_path)
     with pytest.raises(ValueError, match="no items"):
         scoring.score_items(BigramStub({}), [])
 

@@ -1,6 +1,7 @@
 """Compact Flax export: exactness after save -> load, width rounding, the CLI, bad input."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -14,7 +15,7 @@ import pytest
 
 from effllm_jax.arch import ArchSpec
 from effllm_jax.export import api, export_model, load_exported, load_language_model
-from effllm_jax.export import flax_io, safetensors_io, widths
+from effllm_jax.export import safetensors_io, widths
 from effllm_jax.export.__main__ import main as export_cli
 from effllm_jax.generate import generate, generate_batch, next_token_logits
 from effllm_jax.model.compact import slice_params
@@ -151,21 +152,16 @@ def test_bad_flax_exports_give_clear_errors(pruned, tmp_path):
 def test_relayout_refuses_layouts_that_drop_units(pruned):
     _, _, _, spec, compact, _ = pruned
     layouts = [widths.identity_layout(l) for l in spec.layers]
-    layouts[0] = dataclasses_replace(layouts[0], ffn_dim=layouts[0].ffn_dim - 1)
+    layouts[0] = dataclasses.replace(layouts[0], ffn_dim=layouts[0].ffn_dim - 1)
     with pytest.raises(ValueError, match="drops units"):
         widths.relayout(spec, compact, layouts)
-
-
-def dataclasses_replace(obj, **kw):
-    import dataclasses
-    return dataclasses.replace(obj, **kw)
 
 
 @pytest.fixture
 def fake_run(pruned, tmp_path, monkeypatch):
     """A training workdir served by a stand-in for checkpoint.load_inference."""
     params, masks, _, _, _, _ = pruned
-    spec = dataclasses_replace(ArchSpec.from_masks(masks, CFG), step=7, tokens_seen=700)
+    spec = dataclasses.replace(ArchSpec.from_masks(masks, CFG), step=7, tokens_seen=700)
     ck = types.SimpleNamespace(cfg=CFG, params=params, masks=masks, spec=spec, step=7)
     calls = []
 
@@ -199,22 +195,52 @@ def test_cli_exports_a_training_run(fake_run, pruned, tmp_path, capsys):
     assert np.abs(np.asarray(lm.logits(tokens)) - ref).max() <= 1e-5
 
 
+def test_real_training_run_exports_exactly(tmp_path):
+    """A real (tiny, pruned) train.run checkpoint -> CLI -> both formats, logits unchanged."""
+    from conftest import make_tiny_config
+
+    from effllm_jax import checkpoint, train
+
+    config = make_tiny_config(steps=6, checkpoint_every=6)
+    config.mesh.shape = (8, 1, 1)
+    workdir = str(tmp_path / "run")
+    train.run(config, workdir)
+    ck = checkpoint.load_inference(workdir)
+    assert ck.spec.live_params < ck.spec.dense_params  # pruning really happened
+    tokens = np.random.default_rng(0).integers(0, ck.cfg.vocab_size, (2, 10))
+    ref = masked_logits(ck.cfg, ck.params, ck.masks, tokens)
+    for fmt in ("flax", "hf"):
+        out = str(tmp_path / fmt)
+        assert export_cli([f"--workdir={workdir}", f"--out={out}", f"--format={fmt}"]) == 0
+        lm = load_language_model(out)
+        assert np.abs(np.asarray(lm.logits(tokens)) - ref).max() <= 1e-5, fmt
+    assert load_language_model(workdir).spec.step == 6
+
+
 def test_run_with_inconsistent_spec_is_refused(fake_run):
     workdir, ck, _ = fake_run
-    ck.spec = dataclasses_replace(ck.spec, hidden_dim=ck.spec.hidden_dim - 1)
+    ck.spec = dataclasses.replace(ck.spec, hidden_dim=ck.spec.hidden_dim - 1)
     with pytest.raises(ValueError, match="does not match the checkpoint's masks"):
         api.load_run(workdir)
 
 
-def test_run_tokenizer_is_copied_verbatim(fake_run, tmp_path):
+def test_run_tokenizer_travels_with_both_formats(fake_run, tmp_path):
+    from effllm_jax.data import train_tokenizer
+
     workdir, _, _ = fake_run
-    os.makedirs(os.path.join(workdir, "tokenizer"))
-    with open(os.path.join(workdir, "tokenizer", "vocab.txt"), "w") as f:
-        f.write("a\nb\n")
-    out = str(tmp_path / "tok")
-    api.export_run(workdir, out, "flax")
-    assert open(os.path.join(out, "tokenizer", "vocab.txt")).read() == "a\nb\n"
-    assert json.load(open(os.path.join(out, "export.json")))["tokenizer"] == "tokenizer"
+    text = open(os.path.join(os.path.dirname(os.__file__), "os.py")).read()
+    tok = train_tokenizer([text], vocab_size=CFG.vocab_size + 300)
+    tok.save(workdir)  # what data.Dataset.save does: <workdir>/tokenizer.model
+    sample = "import os\n\nprint(os.getcwd())  # 42"
+    for fmt in ("flax", "hf"):
+        out = str(tmp_path / fmt)
+        api.export_run(workdir, out, fmt)
+        assert open(os.path.join(out, "tokenizer", "tokenizer.model"), "rb").read() == tok.model_proto
+        loaded = load_language_model(out).tokenizer
+        assert loaded.encode(sample) == tok.encode(sample) and loaded.eos_id == tok.eos_id
+    config = json.load(open(tmp_path / "hf" / "config.json"))
+    assert (config["bos_token_id"], config["eos_token_id"]) == (tok.bos_id, tok.eos_id)
+    assert os.path.exists(tmp_path / "hf" / "tokenizer_config.json")
 
 
 def test_load_language_model_rejects_unknown_paths(tmp_path):
@@ -229,23 +255,25 @@ def test_generate_matches_full_forward_and_stops_at_eos(pruned):
     _, _, tokens, spec, compact, _ = pruned
     lm = LanguageModel(spec, compact)
     rows = [list(tokens[0]), list(tokens[1][:4])]
-    full = np.asarray(lm.logits(tokens))
-    nxt = next_token_logits(lm, rows)  # right-padded rows of different lengths
-    np.testing.assert_allclose(nxt[0], full[0, -1], atol=1e-5)
-    np.testing.assert_allclose(nxt[1], full[1, 3], atol=1e-5)  # causal: prefix logits
     greedy = generate_batch(lm, rows, max_new_tokens=5)
     seqs = np.zeros((2, len(rows[0]) + 4), np.int32)
     for b, (row, g) in enumerate(zip(rows, greedy)):
         assert len(g.tokens) == 5 and not g.stopped_at_eos
         seqs[b, :len(row) + 4] = row + g.tokens[:4]
-    argmax = np.argmax(np.asarray(lm.logits(seqs)), axis=-1)  # one forward checks every step
+    full = np.asarray(lm.logits(seqs))  # one full forward checks every step
     for b, (row, g) in enumerate(zip(rows, greedy)):
-        assert g.tokens == list(argmax[b, len(row) - 1:len(row) + 4])
+        assert g.tokens == list(np.argmax(full[b, len(row) - 1:len(row) + 4], axis=-1))
+    nxt = next_token_logits(lm, rows)  # right-padded rows of different lengths
+    np.testing.assert_allclose(nxt[0], full[0, len(rows[0]) - 1], atol=1e-5)
+    np.testing.assert_allclose(nxt[1], full[1, len(rows[1]) - 1], atol=1e-5)
     stop = generate_batch(lm, rows, max_new_tokens=5, eos_id=greedy[0].tokens[2])
     assert stop[0].tokens == greedy[0].tokens[:2] and stop[0].stopped_at_eos
     a = generate_batch(lm, rows, max_new_tokens=4, temperature=1.0, top_k=3, seed=3)
     b = generate_batch(lm, [rows[0], rows[0]], max_new_tokens=4, temperature=1.0, top_k=3, seed=3)
     assert a[0].tokens == b[0].tokens  # a row's samples do not depend on its batch
-    assert len(a[1].tokens) == 4
+    top3 = np.argsort(full[0, len(rows[0]) - 1])[-3:]
+    assert a[0].tokens[0] in top3 and len(a[1].tokens) == 4
     with pytest.raises(ValueError, match="need a tokenizer"):
         generate(lm, "text", max_new_tokens=1)
+    with pytest.raises(ValueError, match="top_k"):
+        generate(lm, rows[0], max_new_tokens=1, top_k=0)

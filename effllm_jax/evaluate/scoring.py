@@ -45,12 +45,12 @@ def prefix_token_id(tokenizer: Any) -> int:
 def encode_pair(tokenizer: Any, context: str, continuation: str,
                 add_bos: bool = False) -> tuple[list[int], list[int]]:
     """(context ids, continuation ids) exactly as the harness's HFLM._encode_pair splits them."""
-    if context == "":
-        return [prefix_token_id(tokenizer)], list(tokenizer.encode(continuation))
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces > 0:
         continuation = context[-n_spaces:] + continuation
         context = context[:-n_spaces]
+    if context == "":  # nothing to condition on: the prefix token stands in
+        return [prefix_token_id(tokenizer)], list(tokenizer.encode(continuation))
     whole = list(tokenizer.encode(context + continuation))
     context_ids = list(tokenizer.encode(context))
     continuation_ids = whole[len(context_ids):]

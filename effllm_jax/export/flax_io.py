@@ -67,7 +67,7 @@ def save_compact(out_dir: str, spec: ArchSpec, params: dict | widths.LazyTensors
     with open(os.path.join(out_dir, "spec.json"), "w") as f:
         json.dump(spec.to_json(), f, indent=2)
     tok_dir = os.path.join(out_dir, "tokenizer")
-    wrote_tokenizer = _save_tokenizer(tokenizer, tokenizer_path, tok_dir)
+    wrote_tokenizer = copy_tokenizer(tokenizer, tokenizer_path, tok_dir)
     meta = {"format": FORMAT, "version": VERSION, "dtype": dtype, "notes": list(notes),
             "tokenizer": "tokenizer" if wrote_tokenizer else None}
     with open(os.path.join(out_dir, "export.json"), "w") as f:  # written last: marks completion
@@ -108,17 +108,18 @@ def load_export_tokenizer(path: str) -> Any:
     return tokenizer_io.load_tokenizer(tok_dir) if os.path.exists(tok_dir) else None
 
 
-def _save_tokenizer(tokenizer: Any, tokenizer_path: str | None, tok_dir: str) -> bool:
+def copy_tokenizer(tokenizer: Any, tokenizer_path: str | None, tok_dir: str) -> bool:
     """Copies the run's tokenizer path verbatim, else saves the tokenizer object."""
     import shutil
 
     if tokenizer_path is not None and os.path.exists(tokenizer_path):
         if os.path.isdir(tok_dir):
             shutil.rmtree(tok_dir)
-        if os.path.isdir(tokenizer_path):  # mirror <workdir>/tokenizer exactly (dir or file)
+        if os.path.isdir(tokenizer_path):
             shutil.copytree(tokenizer_path, tok_dir)
-        else:
-            shutil.copyfile(tokenizer_path, tok_dir)
+        else:  # e.g. <workdir>/tokenizer.model -> tokenizer/tokenizer.model
+            os.makedirs(tok_dir)
+            shutil.copyfile(tokenizer_path, os.path.join(tok_dir, os.path.basename(tokenizer_path)))
         return True
     if tokenizer is not None:
         return tokenizer_io.save_tokenizer(tokenizer, tok_dir)

@@ -103,9 +103,14 @@ def config_from_gguf(reader: Any) -> ModelConfig:
         vocab_size=int(vocab), d_model=d_model, num_layers=int(need("block_count")),
         num_heads=heads, num_kv_heads=int(_field(reader, "llama.attention.head_count_kv", heads)),
         head_dim=head_dim, ffn_dim=int(need("feed_forward_length")),
-        rope_theta=float(_field(reader, "llama.rope.freq_base", 10000.0)),
-        norm_eps=float(need("attention.layer_norm_rms_epsilon")),
+        rope_theta=_f32(_field(reader, "llama.rope.freq_base", 10000.0)),
+        norm_eps=_f32(need("attention.layer_norm_rms_epsilon")),
         tie_embeddings="output.weight" not in names)
+
+
+def _f32(value: float) -> float:
+    """The shortest decimal of a float32 metadata value (9.9999997e-06 -> 1e-05)."""
+    return float(str(np.float32(value)))
 
 
 def _tensor(reader: Any, name: str) -> Any:

@@ -122,15 +122,17 @@ def export_hf(out_dir: str, spec: ArchSpec, params: dict | widths.LazyTensors, *
     np_dtype = flax_io.storage_dtype(dtype)
     multiple = round_to or 1
     notes = []
-    if spec.uniform:
+    first = spec.layers[0]
+    if spec.uniform and first.num_heads > 0 and first.ffn_dim > 0:
         layouts = [widths.identity_layout(l, widths.round_up(l.ffn_dim, multiple))
                    for l in spec.layers]
     elif strict:
         detail = "; ".join(f"layer {i}: q_per_kv {list(l.q_per_kv)}, ffn {l.ffn_dim}"
                            for i, l in enumerate(spec.layers[:4]))
-        raise ValueError("strict HF export refused: per-layer widths or GQA groups differ "
-                         f"({detail}{'; ...' if len(spec.layers) > 4 else ''}); stock "
-                         "LlamaForCausalLM needs one width per model (drop strict to zero-pad)")
+        raise ValueError("strict HF export refused: per-layer widths or GQA groups differ, or "
+                         f"a width is zero ({detail}{'; ...' if len(spec.layers) > 4 else ''}); "
+                         "stock LlamaForCausalLM needs one nonzero width per model (drop strict "
+                         "to zero-pad exactly)")
     else:
         layouts, note = widths.uniform_layouts(spec, gqa, multiple)
         notes.append(note)
@@ -141,6 +143,10 @@ def export_hf(out_dir: str, spec: ArchSpec, params: dict | widths.LazyTensors, *
                      f"(hidden {spec.hidden_dim}->{hidden})")
     num_heads = len(layouts[0].q_src)
     if hidden % num_heads:  # transformers' LlamaConfig insists, even with an explicit head_dim
+        if strict:
+            raise ValueError(f"strict HF export refused: hidden width {hidden} is not a multiple "
+                             f"of {num_heads} heads, which transformers' LlamaConfig requires "
+                             "(drop strict to zero-pad the hidden width exactly)")
         padded = widths.round_up(hidden, math.lcm(multiple, num_heads))
         notes.append(f"hidden width padded {hidden}->{padded} (exact; RMSNorm eps and gains "
                      f"rescaled) because LlamaConfig needs hidden_size % num_attention_heads == 0")
@@ -165,7 +171,7 @@ def export_hf(out_dir: str, spec: ArchSpec, params: dict | widths.LazyTensors, *
         json.dump(config, f, indent=2)
     notes.append(tokenizer_io.save_hf_tokenizer(tokenizer, tokenizer_path, out_dir))
     if tokenizer_path is not None or tokenizer is not None:  # the project's own copy as well
-        flax_io._save_tokenizer(tokenizer, tokenizer_path, os.path.join(out_dir, "tokenizer"))
+        flax_io.copy_tokenizer(tokenizer, tokenizer_path, os.path.join(out_dir, "tokenizer"))
     with open(os.path.join(out_dir, "effllm_export.json"), "w") as f:
         json.dump({"format": "hf", "notes": notes, "spec": spec.to_json()}, f, indent=2)
     return notes

@@ -96,13 +96,19 @@ class BPETokenizer:
 
 
 class SentencePieceTokenizer:
-    """A SentencePiece model file behind the project's tokenizer interface."""
+    """A SentencePiece model (file or serialized bytes) behind the project's tokenizer interface."""
 
-    def __init__(self, model_path: str):
+    def __init__(self, model_path: str | None = None, model_proto: bytes | None = None):
         import sentencepiece as spm
 
+        if model_proto is None:
+            if model_path is None:
+                raise ValueError("SentencePieceTokenizer needs a model file or model bytes")
+            with open(model_path, "rb") as f:
+                model_proto = f.read()
         self.model_path = model_path
-        self.sp = spm.SentencePieceProcessor(model_file=model_path)
+        self.model_proto = bytes(model_proto)
+        self.sp = spm.SentencePieceProcessor(model_proto=self.model_proto)
         self.bos_id = _id_or_none(self.sp.bos_id())
         self.eos_id = _id_or_none(self.sp.eos_id())
 
@@ -119,16 +125,19 @@ class SentencePieceTokenizer:
         return self.sp.decode([int(i) for i in ids])
 
     def save(self, directory: str) -> None:
-        """Copies the model file as tokenizer.model."""
+        """Writes the model as directory/tokenizer.model."""
         os.makedirs(directory, exist_ok=True)
-        shutil.copyfile(self.model_path, os.path.join(directory, "tokenizer.model"))
+        with open(os.path.join(directory, "tokenizer.model"), "wb") as f:
+            f.write(self.model_proto)
 
     def save_hf(self, directory: str) -> None:
         """tokenizer.model + tokenizer_config.json for transformers' LlamaTokenizer."""
-        shutil.copyfile(self.model_path, os.path.join(directory, "tokenizer.model"))
+        self.save(directory)
+        # HF's LlamaTokenizer prepends '▁' unless told the model has no dummy prefix
+        dummy_prefix = self.sp.encode("a", out_type=str)[0].startswith("\u2581")
         config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": self.bos_id is not None,
-                  "add_eos_token": False, "clean_up_tokenization_spaces": False,
-                  "legacy": False}
+                  "add_eos_token": False, "add_prefix_space": dummy_prefix,
+                  "clean_up_tokenization_spaces": False, "legacy": False}
         for key, idx in (("bos_token", self.bos_id), ("eos_token", self.eos_id),
                          ("unk_token", _id_or_none(self.sp.unk_id()))):
             if idx is not None:
@@ -150,18 +159,16 @@ def find_sentencepiece_model(path: str) -> str | None:
 
 
 def load_tokenizer(path: str) -> Any:
-    """Loads a tokenizer saved next to a model (ours, the run's, or a Hugging Face one)."""
+    """Loads a tokenizer saved next to a model: ours, the run's SentencePiece, or HF files."""
     if os.path.isdir(path) and os.path.exists(os.path.join(path, META)):
         return BPETokenizer.load(path)
-    try:
-        from effllm_jax.data import load_tokenizer as project_loader
-    except ImportError:
-        project_loader = None
-    if project_loader is not None:
-        return project_loader(path)
     model = find_sentencepiece_model(path)
     if model is not None:
-        return SentencePieceTokenizer(model)
+        try:  # the project's own tokenizer class when it is there
+            from effllm_jax.data import load_tokenizer as project_loader
+        except ImportError:
+            return SentencePieceTokenizer(model)
+        return project_loader(model)
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "tokenizer.json")):
         return BPETokenizer.load(path)
     raise ValueError(f"no tokenizer found at {path} (looked for {META}, a SentencePiece "
@@ -171,26 +178,38 @@ def load_tokenizer(path: str) -> Any:
 def save_tokenizer(tokenizer: Any, directory: str) -> bool:
     """Saves a tokenizer object under `directory`; False when it cannot be saved."""
     if hasattr(tokenizer, "save"):
+        os.makedirs(directory, exist_ok=True)
         tokenizer.save(directory)
         return True
-    model = _model_file_of(tokenizer)
-    if model is not None:
-        SentencePieceTokenizer(model).save(directory)
+    sp = as_sentencepiece(tokenizer)
+    if sp is not None:
+        sp.save(directory)
         return True
     return False
 
 
-def save_hf_tokenizer(tokenizer: Any, source_path: str | None, directory: str) -> str:
-    """Writes Hugging Face tokenizer files; returns a note on what was written."""
-    if isinstance(tokenizer, (BPETokenizer, SentencePieceTokenizer)):
-        tokenizer.save_hf(directory)
-        return f"tokenizer: {type(tokenizer).__name__}"
+def as_sentencepiece(tokenizer: Any, source_path: str | None = None) -> SentencePieceTokenizer | None:
+    """Our SentencePiece wrapper for a tokenizer object (or path) backed by SentencePiece."""
+    if isinstance(tokenizer, SentencePieceTokenizer):
+        return tokenizer
+    proto = getattr(tokenizer, "model_proto", None)  # the project's data.Tokenizer
+    if isinstance(proto, (bytes, bytearray)):
+        return SentencePieceTokenizer(model_proto=bytes(proto))
     model = _model_file_of(tokenizer)
     if model is None and source_path is not None:
         model = find_sentencepiece_model(source_path)
-    if model is not None:
-        SentencePieceTokenizer(model).save_hf(directory)
-        return f"tokenizer: SentencePiece model {model} as LlamaTokenizer"
+    return SentencePieceTokenizer(model) if model is not None else None
+
+
+def save_hf_tokenizer(tokenizer: Any, source_path: str | None, directory: str) -> str:
+    """Writes Hugging Face tokenizer files; returns a note on what was written."""
+    if isinstance(tokenizer, BPETokenizer):
+        tokenizer.save_hf(directory)
+        return "tokenizer: byte-level BPE as tokenizer.json"
+    sp = as_sentencepiece(tokenizer, source_path)
+    if sp is not None:
+        sp.save_hf(directory)
+        return "tokenizer: SentencePiece tokenizer.model as LlamaTokenizer"
     if tokenizer is None and source_path is None:
         return "tokenizer: none"
     log.warning("tokenizer %r is not SentencePiece or byte-level BPE: no Hugging Face "
@@ -199,7 +218,7 @@ def save_hf_tokenizer(tokenizer: Any, source_path: str | None, directory: str) -
 
 
 def _model_file_of(tokenizer: Any) -> str | None:
-    for attr in ("model_path", "model_file", "path"):
+    for attr in ("model_path", "model_file", "path", "source"):
         value = getattr(tokenizer, attr, None)
         if isinstance(value, str) and find_sentencepiece_model(value):
             return find_sentencepiece_model(value)

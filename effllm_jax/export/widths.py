@@ -153,14 +153,18 @@ def relayout(spec: ArchSpec, params: dict | LazyTensors, layouts: list[LayerLayo
     layouts = layouts or [identity_layout(l) for l in spec.layers]
     if len(layouts) != len(spec.layers):
         raise ValueError(f"{len(layouts)} layouts for {len(spec.layers)} layers")
-    gain = np.float32(math.sqrt(d / d_new))
     model = dict(spec.model)
     if d_new != d:
         model["norm_eps"] = cfg.norm_eps * d / d_new
     get = _getter(params)
+
+    def norm(name: str) -> np.ndarray:
+        gain = get(name)
+        return gain if d_new == d else _pad(gain * np.float32(math.sqrt(d / d_new)), 0, d_new)
+
     tensors: LazyTensors = {
         "embed": lambda: _pad(get("embed"), 1, d_new),
-        "final_norm.scale": lambda: _pad(get("final_norm.scale") * gain, 0, d_new),
+        "final_norm.scale": lambda: norm("final_norm.scale"),
     }
     if not cfg.tie_embeddings:
         tensors["lm_head"] = lambda: _pad(get("lm_head"), 0, d_new)
@@ -169,9 +173,9 @@ def relayout(spec: ArchSpec, params: dict | LazyTensors, layouts: list[LayerLayo
         _check_layout(i, layer, lay)
         new_layers.append(LayerSpec(lay.q_per_kv, lay.ffn_dim))
         p = f"layers.{i}."
-        for norm in ("attn_norm", "mlp_norm"):
-            n = p + norm + ".scale"
-            tensors[n] = lambda n=n: _pad(get(n) * gain, 0, d_new)
+        for block in ("attn_norm", "mlp_norm"):
+            n = p + block + ".scale"
+            tensors[n] = lambda n=n: norm(n)
         for w in ("wq", "wk", "wv"):
             src = lay.q_src if w == "wq" else lay.kv_src
             n = p + "attn." + w
@@ -180,8 +184,7 @@ def relayout(spec: ArchSpec, params: dict | LazyTensors, layouts: list[LayerLayo
         tensors[n] = lambda n=n, lay=lay: _pad(_take(get(n), 0, lay.q_src), 2, d_new)
         for w in ("w_gate", "w_up"):
             n = p + "mlp." + w
-            tensors[n] = lambda n=n, lay=lay: _pad(_pad(get(n), 1, lay.ffn_dim), 0,
-                                                   d_new)
+            tensors[n] = lambda n=n, lay=lay: _pad(_pad(get(n), 1, lay.ffn_dim), 0, d_new)
         n = p + "mlp.w_down"
         tensors[n] = lambda n=n, lay=lay: _pad(_pad(get(n), 0, lay.ffn_dim), 1, d_new)
     new_spec = ArchSpec(model=model, hidden_dim=d_new, layers=tuple(new_layers), live_params=0,
