@@ -198,7 +198,7 @@ def run(config, workdir: str) -> tuple[ts.TrainState, ArchSpec]:
 
     writer.print(f"source model: {dense:,} params; target {step_cfg.schedule.target_params:,}; "
                  f"pruning events every {step_cfg.schedule.every} steps from step "
-                 f"{step_cfg.schedule.warmup_steps + 1} to {step_cfg.schedule.last_event}; "
+                 f"{step_cfg.schedule.event_steps()[0]} to {step_cfg.schedule.last_event}; "
                  f"mesh {dict(mesh.shape)}")
     pending = None
     for step in range(start + 1, t.steps + 1):
