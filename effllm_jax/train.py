@@ -55,6 +55,18 @@ class Trainer:
     eval_loss: Any  # (params, masks, batch) -> mean held-out loss of the masked model
 
 
+_TRAINERS: dict[str, Trainer] = {}
+
+
+def cached_trainer(config) -> Trainer:
+    """`build_trainer` memoised on the config: a process that runs the same config again
+    (a resume in a notebook, a test) reuses the compiled step instead of recompiling."""
+    key = config.to_json_best_effort(sort_keys=True) + str(jax.devices())
+    if key not in _TRAINERS:
+        _TRAINERS[key] = build_trainer(config)
+    return _TRAINERS[key]
+
+
 def build_trainer(config, mesh=None) -> Trainer:
     """Mesh, shardings and the jitted init/step for a validated config."""
     step_cfg = _step_config(config)
@@ -139,7 +151,7 @@ def run(config, workdir: str) -> tuple[ts.TrainState, ArchSpec]:
                          f"{cfg.vocab_size}; raise model.vocab_size")
 
     # ---------------------------------------------------------------- shard
-    trainer = build_trainer(config)
+    trainer = cached_trainer(config)
     step_cfg, tx, mesh, rules = trainer.step_cfg, trainer.tx, trainer.mesh, trainer.rules
     state_sh, lr_schedule = trainer.state_shardings, trainer.lr_schedule
 

@@ -346,6 +346,12 @@ def test_evaluate_tasks_on_real_data_with_tiny_model(data_dir):
     assert all(r["n"] == 4 and 0 <= r["score"] <= 1 for r in results["tasks"].values())
     assert results["average"] == pytest.approx(
         np.mean([r["score"] for r in results["tasks"].values()]))
+    again = suite.evaluate_tasks(lm, "arc_easy", limit=4, data_dir=data_dir, batch_size=8,
+                                 max_length=1024, metrics={"arc_e": "acc"})
+    assert again["tasks"]["arc_easy"]["metric"] == "acc"
+    assert again["tasks"]["arc_easy"]["acc"] == results["tasks"]["arc_easy"]["acc"]
+    with pytest.raises(ValueError, match="must be 'acc' or 'acc_norm'"):
+        suite.evaluate_tasks(lm, "arc_easy", metrics={"arc_easy": "f1"})
     table = suite.format_table(results, "tiny")
     assert table.splitlines()[0].split() == ["Model", "ARC-e", "BoolQ", "WinoG", "Avg."]
     json.dumps(results)

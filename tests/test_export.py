@@ -4,8 +4,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
-import types
 
 import jax
 import jax.numpy as jnp
@@ -157,90 +155,71 @@ def test_relayout_refuses_layouts_that_drop_units(pruned):
         widths.relayout(spec, compact, layouts)
 
 
-@pytest.fixture
-def fake_run(pruned, tmp_path, monkeypatch):
-    """A training workdir served by a stand-in for checkpoint.load_inference."""
+def write_run(workdir: str, params: dict, masks: dict, step: int, spec_masks: dict | None = None):
+    """A training workdir as train.run leaves it: run config + an Orbax checkpoint (real
+    Checkpointer), built from given params/masks instead of training (no compile)."""
+    from conftest import make_tiny_config
+
+    from effllm_jax import checkpoint, config as config_lib, train_step as ts
+
+    config = make_tiny_config()
+    config.model.update({f.name: getattr(CFG, f.name) for f in dataclasses.fields(CFG)})
+    cfg = config_lib.model_config(config)
+    assert cfg == CFG
+    step_cfg = ts.StepConfig(cfg, None, None, config.prune.criterion)
+    tx, _ = ts.make_optimizer(config.optim, config.train.steps)
+    abstract = jax.eval_shape(lambda: ts.init_state(step_cfg, tx, jax.random.key(0)))
+    state = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
+    state = dataclasses.replace(state, params=params, masks=masks, step=np.int32(step))
+    spec = ArchSpec.from_masks(spec_masks or masks, cfg, step, step * 100)
+    checkpoint.save_run_config(workdir, config)
+    ckpt = checkpoint.Checkpointer(workdir, async_save=False)
+    ckpt.save(step, state, spec, {"step": step, "seed": 0})
+    ckpt.close()
+
+
+@pytest.fixture(scope="module")
+def run_dir(pruned, tmp_path_factory):
+    """A pruned run at step 7 with the run's SentencePiece tokenizer (<workdir>/tokenizer.model)."""
+    from effllm_jax.data import train_tokenizer
+
     params, masks, _, _, _, _ = pruned
-    spec = dataclasses.replace(ArchSpec.from_masks(masks, CFG), step=7, tokens_seen=700)
-    ck = types.SimpleNamespace(cfg=CFG, params=params, masks=masks, spec=spec, step=7)
-    calls = []
-
-    def load_inference(workdir, step=None):
-        calls.append((workdir, step))
-        return ck
-
-    fake = types.ModuleType("effllm_jax.checkpoint")
-    fake.load_inference = load_inference
-    import effllm_jax
-    monkeypatch.setitem(sys.modules, "effllm_jax.checkpoint", fake)
-    monkeypatch.setattr(effllm_jax, "checkpoint", fake, raising=False)
-    workdir = tmp_path / "run"
-    workdir.mkdir()
-    return str(workdir), ck, calls
+    workdir = str(tmp_path_factory.mktemp("run"))
+    write_run(workdir, params, masks, 7)
+    text = open(os.path.join(os.path.dirname(os.__file__), "os.py")).read()
+    tok = train_tokenizer([text], vocab_size=400)  # > the model vocab: warned about
+    tok.save(workdir)  # what data.Dataset.save does
+    return workdir, tok
 
 
-def test_cli_exports_a_training_run(fake_run, pruned, tmp_path, capsys):
-    workdir, ck, calls = fake_run
-    params, masks, tokens, _, _, ref = pruned
+def test_cli_exports_a_training_run(run_dir, pruned, tmp_path, capsys, caplog):
+    workdir, tok = run_dir
+    _, _, tokens, _, _, ref = pruned
     for fmt in ("flax", "hf"):
         out = str(tmp_path / fmt)
         assert export_cli([f"--workdir={workdir}", f"--out={out}", f"--format={fmt}",
                            "--round_to=8", "--step=7"]) == 0
         lm = load_language_model(out)
         assert np.abs(np.asarray(lm.logits(tokens)) - ref).max() <= 1e-5
-    assert calls[0] == (workdir, 7)
+        assert open(os.path.join(out, "tokenizer", "tokenizer.model"), "rb").read() == tok.model_proto
+        sample = "import os\n\nprint(os.getcwd())  # 42"
+        assert lm.tokenizer.encode(sample) == tok.encode(sample) and lm.tokenizer.eos_id == tok.eos_id
     assert "note: widths rounded up to multiples of 8" in capsys.readouterr().out
+    config = json.load(open(tmp_path / "hf" / "config.json"))
+    assert (config["bos_token_id"], config["eos_token_id"]) == (tok.bos_id, tok.eos_id)
+    assert os.path.exists(tmp_path / "hf" / "tokenizer.model")
     lm = load_language_model(workdir)  # the workdir itself
     assert lm.spec.step == 7 and lm.spec.tokens_seen == 700
     assert np.abs(np.asarray(lm.logits(tokens)) - ref).max() <= 1e-5
+    assert "the tokenizer has 400 tokens" in caplog.text
 
 
-def test_real_training_run_exports_exactly(tmp_path):
-    """A real (tiny, pruned) train.run checkpoint -> CLI -> both formats, logits unchanged."""
-    from conftest import make_tiny_config
-
-    from effllm_jax import checkpoint, train
-
-    config = make_tiny_config(steps=6, checkpoint_every=6)
-    config.mesh.shape = (8, 1, 1)
-    workdir = str(tmp_path / "run")
-    train.run(config, workdir)
-    ck = checkpoint.load_inference(workdir)
-    assert ck.spec.live_params < ck.spec.dense_params  # pruning really happened
-    tokens = np.random.default_rng(0).integers(0, ck.cfg.vocab_size, (2, 10))
-    ref = masked_logits(ck.cfg, ck.params, ck.masks, tokens)
-    for fmt in ("flax", "hf"):
-        out = str(tmp_path / fmt)
-        assert export_cli([f"--workdir={workdir}", f"--out={out}", f"--format={fmt}"]) == 0
-        lm = load_language_model(out)
-        assert np.abs(np.asarray(lm.logits(tokens)) - ref).max() <= 1e-5, fmt
-    assert load_language_model(workdir).spec.step == 6
-
-
-def test_run_with_inconsistent_spec_is_refused(fake_run):
-    workdir, ck, _ = fake_run
-    ck.spec = dataclasses.replace(ck.spec, hidden_dim=ck.spec.hidden_dim - 1)
+def test_run_with_inconsistent_spec_is_refused(pruned, tmp_path):
+    params, masks, _, _, _, _ = pruned
+    other = dict(masks, ffn=~masks["ffn"])
+    write_run(str(tmp_path), params, masks, 3, spec_masks=other)
     with pytest.raises(ValueError, match="does not match the checkpoint's masks"):
-        api.load_run(workdir)
-
-
-def test_run_tokenizer_travels_with_both_formats(fake_run, tmp_path):
-    from effllm_jax.data import train_tokenizer
-
-    workdir, _, _ = fake_run
-    text = open(os.path.join(os.path.dirname(os.__file__), "os.py")).read()
-    tok = train_tokenizer([text], vocab_size=CFG.vocab_size + 300)
-    tok.save(workdir)  # what data.Dataset.save does: <workdir>/tokenizer.model
-    sample = "import os\n\nprint(os.getcwd())  # 42"
-    for fmt in ("flax", "hf"):
-        out = str(tmp_path / fmt)
-        api.export_run(workdir, out, fmt)
-        assert open(os.path.join(out, "tokenizer", "tokenizer.model"), "rb").read() == tok.model_proto
-        loaded = load_language_model(out).tokenizer
-        assert loaded.encode(sample) == tok.encode(sample) and loaded.eos_id == tok.eos_id
-    config = json.load(open(tmp_path / "hf" / "config.json"))
-    assert (config["bos_token_id"], config["eos_token_id"]) == (tok.bos_id, tok.eos_id)
-    assert os.path.exists(tmp_path / "hf" / "tokenizer_config.json")
+        api.load_run(str(tmp_path))
 
 
 def test_load_language_model_rejects_unknown_paths(tmp_path):

@@ -39,6 +39,17 @@ def load_model(checkpoint: str, tokenizer: str | None = None) -> Any:
     return lm
 
 
+def parse_metric_overrides(text: str) -> dict[str, str]:
+    """'arc_easy=acc,piqa=acc' -> {'arc_easy': 'acc', 'piqa': 'acc'}."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        task, sep, metric = part.partition("=")
+        if not sep:
+            raise SystemExit(f"--metrics entry {part!r} is not TASK=METRIC")
+        out[task.strip()] = metric.strip()
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's arguments."""
     p = argparse.ArgumentParser(prog="python -m effllm_jax.evaluate", description=__doc__,
@@ -55,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="context length (default: the model's, else 2048)")
     p.add_argument("--buckets", default=",".join(map(str, DEFAULT_BUCKETS)),
                    help="padding lengths; one compilation each")
+    p.add_argument("--metrics", default="",
+                   help="headline metric overrides, e.g. arc_easy=acc,piqa=acc (default: "
+                   "acc_norm where the harness reports it, else acc)")
     p.add_argument("--add_bos", action="store_true",
                    help="prefix every context with BOS (the harness default is not to)")
     p.add_argument("--data_dir", default=None,
@@ -86,7 +100,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if run_tasks is not None:
         results.update(evaluate_tasks(lm, run_tasks, args.limit, data_dir=args.data_dir,
                                       batch_size=args.batch_size, max_length=max_length,
-                                      buckets=buckets, add_bos=args.add_bos, log=_log))
+                                      buckets=buckets, add_bos=args.add_bos,
+                                      metrics=parse_metric_overrides(args.metrics), log=_log))
         results["checkpoint"] = str(args.checkpoint)
     if args.text_file:
         text = Path(args.text_file).read_text(encoding="utf-8")

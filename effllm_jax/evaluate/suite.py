@@ -32,18 +32,36 @@ def parse_tasks(tasks: str | Sequence[str] | None) -> list[str]:
     return list(dict.fromkeys(names))  # de-duplicated, order kept
 
 
+def _throttled_progress(log: Callable[[str], None], name: str,
+                        every_s: float = 30.0) -> Callable[[int, int], None]:
+    """A progress callback that logs at most every `every_s` seconds (and at the end)."""
+    last = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        if time.time() - last[0] > every_s or done == total:
+            last[0] = time.time()
+            log(f"  {name}: {done}/{total} unique requests scored")
+
+    return progress
+
+
 def evaluate_tasks(lm: Any, tasks: str | Sequence[str] | None = None, limit: int | None = None, *,
                    data_dir: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
                    max_length: int | None = None, buckets: Sequence[int] = DEFAULT_BUCKETS,
-                   add_bos: bool = False, log: Callable[[str], None] | None = None
-                   ) -> dict[str, Any]:
+                   add_bos: bool = False, metrics: dict[str, str] | None = None,
+                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Scores `lm` on each task (first `limit` items in file order) -> JSON-ready results.
 
     results["tasks"][name] holds acc, acc_norm, their stderrs, n, and "score" (the headline
-    metric named by "metric": acc_norm where the harness reports it, else acc);
-    results["average"] is the mean score over the paper's seven tasks among those run.
+    metric named by "metric": acc_norm where the harness reports it, else acc, unless
+    `metrics` maps the task to another); results["average"] is the mean score over the
+    paper's seven tasks among those run.
     """
     names = parse_tasks(tasks)
+    overrides = {task_lib.canonical_task(k): v for k, v in (metrics or {}).items()}
+    for task, metric in overrides.items():
+        if metric not in ("acc", "acc_norm"):
+            raise ValueError(f"metric for {task} must be 'acc' or 'acc_norm', got {metric!r}")
     max_length = max_length or model_max_length(lm)
     per_task: dict[str, Any] = {}
     started = time.time()
@@ -53,15 +71,10 @@ def evaluate_tasks(lm: Any, tasks: str | Sequence[str] | None = None, limit: int
         progress = None
         if log is not None:
             log(f"{name}: {len(items)} items, {sum(len(i.choices) for i in items)} requests")
-            last = [0.0]
-
-            def progress(done: int, total: int, name: str = name, last: list = last) -> None:
-                if time.time() - last[0] > 30 or done == total:  # a line every 30 s at most
-                    last[0] = time.time()
-                    log(f"  {name}: {done}/{total} unique requests scored")
+            progress = _throttled_progress(log, name)
         result = score_items(lm, items, add_bos=add_bos, batch_size=batch_size,
                              max_length=max_length, buckets=buckets, progress=progress)
-        metric = task_lib.headline_metric(name)
+        metric = overrides.get(name) or task_lib.headline_metric(name)
         result.update(metric=metric, score=result[metric], seconds=round(time.time() - t0, 1),
                       reported_metrics=list(task_lib.HARNESS_METRICS.get(name, ("acc",))))
         per_task[name] = result
@@ -74,6 +87,7 @@ def evaluate_tasks(lm: Any, tasks: str | Sequence[str] | None = None, limit: int
         "average": float(np.mean([per_task[t]["score"] for t in paper])) if paper else None,
         "average_over": paper,
         "config": {"limit": limit, "max_length": max_length, "batch_size": batch_size,
+                   "metrics": {t: per_task[t]["metric"] for t in per_task},
                    "add_bos": add_bos, "buckets": list(buckets), "num_fewshot": 0},
         "seconds": round(time.time() - started, 1),
     }

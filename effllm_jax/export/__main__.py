@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     parser.add_argument("--max_position_embeddings", type=int, default=2048)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("effllm_jax").setLevel(logging.INFO)  # ours only, not jax's chatter
     options = {"round_to": args.round_to, "dtype": args.dtype}
     if args.format == "hf":
         options.update(strict=args.strict, gqa=args.gqa,

@@ -40,9 +40,10 @@ def load_run(workdir: str, step: int | None = None) -> tuple[ArchSpec, dict, str
     saved = getattr(ck, "spec", None)
     if saved is not None:
         if saved.hidden_dim != spec.hidden_dim or tuple(saved.layers) != tuple(spec.layers):
-            raise ValueError(f"{workdir}: the saved architecture spec (hidden {saved.hidden_dim}, "
-                             f"{len(saved.layers)} layers) does not match the checkpoint's masks "
-                             f"(hidden {spec.hidden_dim}); the checkpoint is inconsistent")
+            diff = [i for i, (a, b) in enumerate(zip(saved.layers, spec.layers)) if a != b]
+            raise ValueError(f"{workdir}: the saved architecture spec does not match the "
+                             f"checkpoint's masks (hidden {saved.hidden_dim} vs {spec.hidden_dim}; "
+                             f"layers differing: {diff[:8]}); the checkpoint is inconsistent")
         spec = dataclasses.replace(spec, step=saved.step, tokens_seen=saved.tokens_seen)
     else:
         spec = dataclasses.replace(spec, step=int(getattr(ck, "step", 0) or 0))
@@ -58,14 +59,23 @@ def run_tokenizer_path(workdir: str) -> str | None:
     return None
 
 
+def _language_model(spec: ArchSpec, params: dict, tokenizer: Any, path: str) -> LanguageModel:
+    """LanguageModel, warning when the tokenizer can emit ids the model has no row for."""
+    vocab = spec.model_config.vocab_size
+    if tokenizer is not None and getattr(tokenizer, "vocab_size", 0) > vocab:
+        log.warning("%s: the tokenizer has %d tokens but the model's vocabulary is %d",
+                    path, tokenizer.vocab_size, vocab)
+    return LanguageModel(spec, params, tokenizer)
+
+
 def load_exported(path: str) -> LanguageModel:
     """A compact Flax export or a Hugging Face directory (+ its tokenizer) as a LanguageModel."""
     if flax_io.is_compact_export(path):
         spec, params = flax_io.load_compact(path)
-        return LanguageModel(spec, params, flax_io.load_export_tokenizer(path))
+        return _language_model(spec, params, flax_io.load_export_tokenizer(path), path)
     if hf.is_hf_dir(path):
         spec, params = hf.load_hf_compact(path)
-        return LanguageModel(spec, params, hf.load_hf_tokenizer(path))
+        return _language_model(spec, params, hf.load_hf_tokenizer(path), path)
     raise FileNotFoundError(f"{path} is neither a compact export (export.json + spec.json) nor "
                             "a Hugging Face directory (config.json + model.safetensors)")
 
@@ -82,7 +92,7 @@ def load_language_model(path: str, step: int | None = None) -> LanguageModel:
         return load_exported(path)
     spec, params, tok_path = load_run(path, step)
     tokenizer = tokenizer_io.load_tokenizer(tok_path) if tok_path else None
-    return LanguageModel(spec, params, tokenizer)
+    return _language_model(spec, params, tokenizer, path)
 
 
 def export_model(out_dir: str, spec: ArchSpec, params: dict, fmt: Format = "flax", *,

@@ -13,13 +13,16 @@ import os
 import subprocess
 import sys
 import zipfile
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from effllm_jax.arch import ArchSpec
 from effllm_jax.export import hf, tokenizer_io
 from effllm_jax.model.llama import Masks, ModelConfig
+
+if TYPE_CHECKING:
+    from effllm_jax.model.lm import LanguageModel
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +84,7 @@ def config_from_gguf(reader: Any) -> ModelConfig:
     names = {t.name for t in reader.tensors}
 
     def need(key: str) -> Any:
+        """A required llama.* metadata value."""
         value = _field(reader, f"llama.{key}")
         if value is None:
             raise ValueError(f"GGUF metadata lacks llama.{key}")
@@ -214,7 +218,7 @@ def gguf_tokenizer(path_or_reader: Any) -> tokenizer_io.BPETokenizer:
         bos_id=None if bos is None else int(bos), eos_id=None if eos is None else int(eos))
 
 
-def load_gguf(path: str, with_tokenizer: bool = True):
+def load_gguf(path: str, with_tokenizer: bool = True) -> "LanguageModel":
     """A GGUF file as a LanguageModel (with its tokenizer)."""
     from effllm_jax.model.lm import LanguageModel
 

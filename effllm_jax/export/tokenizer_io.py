@@ -31,6 +31,7 @@ class BPETokenizer:
 
     @property
     def vocab_size(self) -> int:
+        """Number of token ids, special tokens included."""
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
@@ -114,6 +115,7 @@ class SentencePieceTokenizer:
 
     @property
     def vocab_size(self) -> int:
+        """Number of pieces."""
         return self.sp.get_piece_size()
 
     def encode(self, text: str) -> list[int]:

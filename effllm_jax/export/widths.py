@@ -159,6 +159,7 @@ def relayout(spec: ArchSpec, params: dict | LazyTensors, layouts: list[LayerLayo
     get = _getter(params)
 
     def norm(name: str) -> np.ndarray:
+        """An RMSNorm gain, rescaled and padded when the hidden width grows."""
         gain = get(name)
         return gain if d_new == d else _pad(gain * np.float32(math.sqrt(d / d_new)), 0, d_new)
 
