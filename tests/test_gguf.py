@@ -4,11 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import struct
-import subprocess
-import tempfile
-import zlib
 
 import jax
 import jax.numpy as jnp
@@ -187,34 +182,15 @@ def test_smollm2_completes_a_fact(smollm2):
 
 
 def _persuasion_lines() -> list[str]:
-    """Persuasion from Debian's r-cran-janeaustenr (cached), read without R."""
-    cache = os.path.join(gguf_import.cache_dir(), "austen")
-    rdb = os.path.join(cache, "Rdata.rdb")
-    if not os.path.exists(rdb):
-        with tempfile.TemporaryDirectory() as tmp:
-            try:
-                subprocess.run(["apt-get", "download", "r-cran-janeaustenr"], cwd=tmp, check=True,
-                               capture_output=True, timeout=120)
-                deb = next(f for f in os.listdir(tmp) if f.endswith(".deb"))
-                subprocess.run(["dpkg-deb", "-x", deb, "x"], cwd=tmp, check=True, timeout=60)
-            except Exception as e:  # noqa: BLE001
-                pytest.skip(f"could not fetch r-cran-janeaustenr with apt-get: {e}")
-            os.makedirs(cache, exist_ok=True)
-            shutil.copyfile(os.path.join(tmp, "x/usr/lib/R/site-library/janeaustenr/data/Rdata.rdb"),
-                            rdb)
-    data, pos = open(rdb, "rb").read(), 0
-    while pos < len(data):  # records: 4-byte length, zlib stream of R's XDR serialisation
-        z = zlib.decompressobj()
-        raw = z.decompress(data[pos + 4:])
-        pos = len(data) - len(z.unused_data)
-        lines, i = [], 0
-        while (j := raw.find(b"\x00\x04\x00\x09", i)) >= 0:  # CHARSXP header, then length
-            n = struct.unpack(">i", raw[j + 4:j + 8])[0]
-            lines.append("" if n < 0 else raw[j + 8:j + 8 + n].decode("utf-8", "replace"))
-            i = j + 8 + max(n, 0)
-        if lines and lines[0] == "Persuasion":
-            return lines
-    raise AssertionError("Persuasion not found in Rdata.rdb")
+    """Persuasion, held out from training, via the project's cached Debian corpus fetcher."""
+    from effllm_jax.data import DataError, cache_root
+    from effllm_jax.data.corpora import load_corpus
+
+    try:
+        docs = load_corpus("austen", cache_root())
+    except DataError as e:  # FetchError included: no apt / no network
+        pytest.skip(f"could not fetch the Austen corpus (r-cran-janeaustenr): {e}")
+    return next(d.text for d in docs if d.name == "austen/persuasion").split("\n")
 
 
 def test_smollm2_perplexity_on_held_out_austen(smollm2):

@@ -140,3 +140,23 @@ def test_run_resumes_exactly_after_a_crash(tmp_path):
     loaded = ckpt_lib.load_inference(str(crashed))
     assert loaded.step == 8 and loaded.spec.live_params == full_spec.live_params
     _assert_trees_equal(loaded.params, full_state.params)
+
+
+def test_corrupt_checkpoint_gets_a_clear_error_and_nothing_is_deleted(runs, tmp_path):
+    trainer, state, _ = runs[(8, 1, 1)]
+    spec = ArchSpec.from_masks(jax.device_get(state.masks), trainer.step_cfg.model)
+    ckpt = ckpt_lib.Checkpointer(str(tmp_path), keep=2)
+    ckpt.save(5, state, spec, {"step": 5, "seed": 0})
+    ckpt.close()
+    files = sorted(p for p in (tmp_path / "checkpoints" / "5" / "state").rglob("*") if p.is_file())
+    assert files
+    for path in files:  # flip every byte of every array/metadata file
+        data = path.read_bytes()
+        path.write_bytes(bytes(b ^ 0xFF for b in data))
+    before = {p: p.read_bytes() for p in files}
+    ckpt = ckpt_lib.Checkpointer(str(tmp_path), keep=2)
+    abstract = jax.eval_shape(lambda: trainer.init(jax.random.key(0)))
+    with pytest.raises(ckpt_lib.CheckpointError, match="checkpoint step 5 .* is corrupt"):
+        ckpt.restore_state(ckpt_lib.abstract_with_shardings(abstract, trainer.state_shardings))
+    ckpt.close()
+    assert {p: p.read_bytes() for p in files} == before
