@@ -104,6 +104,11 @@ class ArchSpec:
         out["pruned_ratio"] = self.pruned_ratio()
         return out
 
+    def shape_key(self) -> str:
+        """A string naming the architecture alone (not the run's progress): a cache key."""
+        return json.dumps(dataclasses.replace(self, step=0, tokens_seen=0).to_json(),
+                          sort_keys=True)
+
     @classmethod
     def from_json(cls, data: dict | str) -> "ArchSpec":
         """Parses a spec written by `to_json`, naming the first problem it finds."""

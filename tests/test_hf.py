@@ -161,7 +161,7 @@ def test_hf_to_ours_to_hf_is_identity(tmp_path):
 
 
 def _corpus(path) -> str:
-    text = "".join(open(f).read() for f in sorted(glob.glob(os.path.join(os.__file__[:-6], "*.py")))[:12])
+    text = "".join(open(f).read() for f in sorted(glob.glob(os.path.join(os.path.dirname(os.__file__), "*.py")))[:12])
     path.write_text(text)
     return str(path)
 

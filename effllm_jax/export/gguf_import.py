@@ -13,16 +13,14 @@ import os
 import subprocess
 import sys
 import zipfile
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from effllm_jax.arch import ArchSpec
 from effllm_jax.export import hf, tokenizer_io
 from effllm_jax.model.llama import Masks, ModelConfig
-
-if TYPE_CHECKING:
-    from effllm_jax.model.lm import LanguageModel
+from effllm_jax.model.lm import LanguageModel
 
 log = logging.getLogger(__name__)
 
@@ -218,9 +216,8 @@ def gguf_tokenizer(path_or_reader: Any) -> tokenizer_io.BPETokenizer:
         bos_id=None if bos is None else int(bos), eos_id=None if eos is None else int(eos))
 
 
-def load_gguf(path: str, with_tokenizer: bool = True) -> "LanguageModel":
+def load_gguf(path: str, with_tokenizer: bool = True) -> LanguageModel:
     """A GGUF file as a LanguageModel (with its tokenizer)."""
-    from effllm_jax.model.lm import LanguageModel
 
     reader = open_gguf(path)  # parsing the metadata takes seconds: do it once
     spec, params = load_gguf_compact(path, reader)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from typing import Any, Sequence
 
 log = logging.getLogger(__name__)

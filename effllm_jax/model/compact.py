@@ -52,20 +52,15 @@ def _graphdef_and_abstract_state(spec_json: str):
     return nnx.split(nnx.eval_shape(lambda: CompactLlama(spec, rngs=nnx.Rngs(0))))
 
 
-def _cache_key(spec: ArchSpec) -> str:
-    import json
-    return json.dumps(spec.to_json(), sort_keys=True)
-
-
 def abstract_compact_params(spec: ArchSpec) -> dict:
     """Shapes/dtypes of the compact model's parameters."""
-    _, state = _graphdef_and_abstract_state(_cache_key(spec))
+    _, state = _graphdef_and_abstract_state(spec.shape_key())
     return nnx.to_pure_dict(state)
 
 
 def apply_compact(spec: ArchSpec, params: dict, tokens: jax.Array) -> jax.Array:
     """Logits [B, T, V] (float32) of the compact model."""
-    graphdef, abstract_state = _graphdef_and_abstract_state(_cache_key(spec))
+    graphdef, abstract_state = _graphdef_and_abstract_state(spec.shape_key())
     state = jax.tree.map(lambda x: x, abstract_state)
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)(tokens)

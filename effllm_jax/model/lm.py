@@ -16,6 +16,12 @@ from effllm_jax.arch import ArchSpec
 from effllm_jax.model.compact import apply_compact
 
 
+@functools.lru_cache(maxsize=32)
+def _jitted_forward(spec_json: str):
+    """One jitted forward per architecture, shared by every model of that shape."""
+    return jax.jit(functools.partial(apply_compact, ArchSpec.from_json(spec_json)))
+
+
 @dataclasses.dataclass
 class LanguageModel:
     """Compact parameters with their architecture and (optionally) their tokenizer."""
@@ -26,8 +32,7 @@ class LanguageModel:
 
     def __post_init__(self):
         self.params = jax.tree.map(jnp.asarray, self.params)
-        spec = self.spec
-        self._forward = jax.jit(functools.partial(apply_compact, spec))
+        self._forward = _jitted_forward(self.spec.shape_key())
 
     @property
     def vocab_size(self) -> int:
