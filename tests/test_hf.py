@@ -120,6 +120,18 @@ def test_nonuniform_model_is_zero_padded_exactly(setup, tmp_path, gqa):
     assert np.abs(hf_logits(str(tmp_path), tokens) - masked(params, masks, tokens)).max() <= 1e-4
 
 
+def test_layer_with_every_head_pruned_exports_exactly(setup, tmp_path):
+    """Global ranking can empty a layer's attention (the demo does); HF gets all-zero heads."""
+    params, tokens = setup
+    masks = nonuniform_masks(CFG)
+    masks["heads"][1, :] = False
+    masks["ffn"][1, :] = False
+    spec, compact = slice_params(params, masks, CFG)
+    assert spec.layers[1].num_heads == 0 and spec.layers[1].ffn_dim == 0
+    export_model(str(tmp_path), spec, compact, "hf")
+    assert np.abs(hf_logits(str(tmp_path), tokens) - masked(params, masks, tokens)).max() <= 1e-4
+
+
 def test_hf_to_ours_to_hf_is_identity(tmp_path):
     config = transformers.LlamaConfig(
         vocab_size=53, hidden_size=24, intermediate_size=40, num_hidden_layers=2,

@@ -130,6 +130,10 @@ def _take(x: np.ndarray, axis: int, src: tuple[int, ...]) -> np.ndarray:
     src_arr = np.asarray(src, dtype=np.int64)
     if len(src_arr) == x.shape[axis] and np.array_equal(src_arr, np.arange(len(src_arr))):
         return x
+    if x.shape[axis] == 0:  # a layer whose heads (or FFN) were all pruned: only zero units
+        shape = list(x.shape)
+        shape[axis] = len(src_arr)
+        return np.zeros(shape, x.dtype)
     out = np.take(x, np.maximum(src_arr, 0), axis=axis)
     zero = np.asarray(src_arr < 0).reshape([-1 if a == axis else 1 for a in range(x.ndim)])
     return np.where(zero, np.zeros((), x.dtype), out)
