@@ -376,7 +376,7 @@ def test_cli_writes_json_and_prints_table(tmp_path, monkeypatch, capsys):
     assert saved["perplexity"]["tokens"] == len("some held-out text\n")
     printed = capsys.readouterr().out
     assert printed.splitlines()[0].split() == ["Model", "t", "Avg."] and "stub" in printed
-    with pytest.raises(ValueError, match="unknown task"):
+    with pytest.raises(SystemExit, match="unknown task 'nope'"):
         cli.main(["--checkpoint=fake", "--tasks=nope"])
 
 

@@ -1,4 +1,4 @@
-"""CLI: score a training run, an export dir or a GGUF file on zero-shot tasks.
+r"""CLI: score a training run, an export dir or a GGUF file on zero-shot tasks.
 
     python -m effllm_jax.evaluate --checkpoint=RUN_OR_EXPORT_OR_GGUF \
         --tasks=arc_challenge,arc_easy,boolq,hellaswag,openbookqa,piqa,winogrande \
@@ -30,7 +30,10 @@ def load_model(checkpoint: str, tokenizer: str | None = None) -> Any:
     except ImportError as e:
         raise SystemExit(f"effllm_jax.export.load_language_model is not available ({e}); "
                          "it is needed to load --checkpoint") from e
-    lm = load_language_model(checkpoint)
+    try:
+        lm = load_language_model(checkpoint)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: cannot load {checkpoint}: {e}") from None
     if tokenizer:
         from effllm_jax.export.tokenizer_io import load_tokenizer  # ours, SentencePiece or HF
         lm.tokenizer = load_tokenizer(tokenizer)
@@ -91,7 +94,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     run_tasks = None if args.tasks.strip().lower() == "none" else args.tasks
     if run_tasks is not None:
         from effllm_jax.evaluate.suite import parse_tasks
-        parse_tasks(run_tasks)  # fail on a bad task name before the slow model load
+        try:
+            parse_tasks(run_tasks)  # fail on a bad task name before the slow model load
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
     _log(f"loading {args.checkpoint}")
     lm = load_model(args.checkpoint, args.tokenizer)
     buckets = tuple(int(b) for b in args.buckets.split(",") if b)
