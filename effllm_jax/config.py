@@ -44,7 +44,10 @@ def base_config() -> ml_collections.ConfigDict:
         steps=400, global_batch=16, seq_len=128, seed=0, log_every=10,
         checkpoint_every=100, keep_checkpoints=3, peak_flops_per_device=0.0,
         eval_every=100,  # held-out loss every N steps and at the end (0: never)
-        eval_batches=8))
+        eval_batches=8,
+        eval_tasks=(),  # zero-shot tasks scored during training, e.g. ('arc_easy', 'piqa')
+        eval_tasks_every=0,  # every N steps and at the end (0: never)
+        eval_tasks_limit=200))  # first N items of each task
     c.mesh = ml_collections.ConfigDict(dict(
         shape=(-1, 1, 1),  # (data, fsdp, tensor); one -1 fills the remaining devices
         rules=sharding.DEFAULT_RULES,
@@ -115,6 +118,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     t = config.train
     if t.steps < 1 or t.global_batch < 1 or t.seq_len < 2:
         raise ValueError("train.steps, train.global_batch must be >= 1 and train.seq_len >= 2")
+    if t.eval_tasks_every and t.eval_tasks:
+        from effllm_jax.evaluate.tasks import canonical_task  # names the unknown task
+        for name in t.eval_tasks:
+            canonical_task(name)
     mesh_shape = sharding.resolve_mesh_shape(config.mesh.shape, num_devices)
     batch_axes = dict(config.mesh.rules).get("batch") or ()
     batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)

@@ -93,6 +93,23 @@ def evaluate_heldout(trainer: Trainer, state: ts.TrainState, dataset, num_batche
     return float(np.mean(jax.device_get(losses))) if losses else None
 
 
+def evaluate_zero_shot(config, state: ts.TrainState, dataset) -> dict[str, float]:
+    """Zero-shot task scores (harness conventions) of the masked model as it is now."""
+    from effllm_jax.evaluate import evaluate_tasks  # late: only runs that ask for it pay
+    from effllm_jax.model.lm import MaskedLanguageModel
+    if dataset.tokenizer is None:
+        raise ValueError("train.eval_tasks needs a tokenizer: use real text (data.kind='corpus')")
+    t = config.train
+    lm = MaskedLanguageModel(config_lib.model_config(config), state.params, state.masks,
+                             dataset.tokenizer)
+    results = evaluate_tasks(lm, list(t.eval_tasks), t.eval_tasks_limit,
+                             max_length=t.seq_len)
+    scores = {name: r["score"] for name, r in results["tasks"].items()}
+    if results["average"] is not None:
+        scores["average"] = results["average"]
+    return scores
+
+
 class MetricWriter:
     """Progress bar on a terminal (plain log lines otherwise) + TensorBoard; process 0 only."""
 
@@ -228,6 +245,11 @@ def run(config, workdir: str) -> tuple[ts.TrainState, ArchSpec]:
                 writer.write(step, {"eval_loss": heldout}, quiet=True)
                 writer.print(f"step {step}: held-out loss {heldout:.4f} "
                              f"(perplexity {np.exp(heldout):.1f})")
+        if t.eval_tasks_every and (step % t.eval_tasks_every == 0 or step == t.steps):
+            scores = evaluate_zero_shot(config, state, dataset)
+            writer.write(step, {f"zero_shot/{k}": v for k, v in scores.items()}, quiet=True)
+            writer.print(f"step {step}: zero-shot " + ", ".join(
+                f"{k} {v:.1%}" for k, v in scores.items()))
         if step % t.checkpoint_every == 0 and step != t.steps:
             save(state, step)
     if pending is not None:

@@ -49,3 +49,10 @@ def test_resuming_with_another_model_is_refused(tmp_path):
     config.model.ffn_dim = 64
     with pytest.raises(ValueError, match="holds a run of a different model"):
         train.run(config, str(tmp_path))
+
+
+def test_unknown_eval_task_is_rejected_before_compiling(tmp_path):
+    config = make_tiny_config()
+    config.train.update(eval_tasks=("arc_hard",), eval_tasks_every=5)
+    with pytest.raises(ValueError, match="unknown task 'arc_hard'"):
+        train.run(config, str(tmp_path))

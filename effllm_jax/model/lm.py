@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from effllm_jax.arch import ArchSpec
+from effllm_jax.model import llama
 from effllm_jax.model.compact import apply_compact
 
 
@@ -47,3 +48,28 @@ class LanguageModel:
         tokens = np.asarray(tokens, np.int32)
         logp = jax.nn.log_softmax(self.logits(tokens[:, :-1]), axis=-1)
         return np.asarray(jnp.take_along_axis(logp, jnp.asarray(tokens[:, 1:, None]), -1)[..., 0])
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_masked_forward(cfg: llama.ModelConfig):
+    """Masks are arguments, so a model that keeps being pruned never recompiles."""
+    return jax.jit(lambda params, masks, tokens: llama.apply(cfg, params, tokens, masks))
+
+
+@dataclasses.dataclass
+class MaskedLanguageModel:
+    """The masked source model as a scorer (evaluation during training, no slicing)."""
+
+    cfg: llama.ModelConfig
+    params: dict
+    masks: dict
+    tokenizer: Any = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.cfg.vocab_size
+
+    def logits(self, tokens: Any) -> jax.Array:
+        """float32 logits [B, T, V] for int tokens [B, T]."""
+        return _jitted_masked_forward(self.cfg)(self.params, self.masks,
+                                                jnp.asarray(tokens, jnp.int32))
