@@ -3,10 +3,11 @@
 Builds the default data config (Austen, SentencePiece 4096, demo shape seq_len 128 x batch 16),
 then times `local_batch` (sequential steps, random steps as after a restart, one of two
 process slices) and the prefetching iterator, in tokens per second (seq_len tokens per row).
-The pipeline must outrun the trainer by --min-ratio (20x) at --consumed-tok-s (what the train
-step eats at the demo config). Writes bench/results/data_throughput.json and prints it.
+The pipeline must outrun the trainer by --min-ratio (20x); what the train step eats is measured
+in the same run at the demo config (bench/train_step.py), or given with --consumed-tok-s.
+Writes bench/results/data_throughput.json and prints it.
 
-  python bench/data_throughput.py [--consumed-tok-s 20000] [--steps 2000]
+  python bench/data_throughput.py [--consumed-tok-s N] [--steps 2000]
 """
 from __future__ import annotations
 
@@ -40,8 +41,9 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--global-batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--consumed-tok-s", type=float, default=20_000.0,
-                        help="tokens/s the train step consumes at this config")
+    parser.add_argument("--consumed-tok-s", type=float, default=0.0,
+                        help="tokens/s the train step consumes (0: measure the demo config's step)")
+    parser.add_argument("--step-config", default=str(Path(__file__).resolve().parents[1] / "configs" / "tiny.py"))
     parser.add_argument("--min-ratio", type=float, default=20.0)
     parser.add_argument("--sources", default="austen", help="comma-separated config.data.sources")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "data_throughput.json"))
@@ -66,6 +68,11 @@ def main() -> int:
     if ds.num_validation_windows >= B:
         results["validation_batches"] = _rate(lambda i: next(ds.validation_batches(1)), min(n, 500), B, L)
 
+    step = None
+    if not args.consumed_tok_s:
+        from train_step import measure  # bench/train_step.py, beside this file
+        step = measure(args.step_config, steps=20)
+        args.consumed_tok_s = step["tokens_per_s"]
     headline = results["sequential_local_batch"]["tokens_per_s"]
     ratio = headline / args.consumed_tok_s
     report = {
@@ -75,6 +82,7 @@ def main() -> int:
         "stores_built_this_run": {k: v["store_built"] for k, v in ds.describe()["sources"].items()},
         "pipeline": results,
         "consumed_tokens_per_s": args.consumed_tok_s,
+        "train_step_measured": step,
         "ratio_pipeline_over_consumed": round(ratio, 1),
         "min_ratio": args.min_ratio,
         "ok": ratio >= args.min_ratio,

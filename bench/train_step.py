@@ -24,13 +24,9 @@ def load_config(path: str):
     return module.get_config()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--config", default="configs/tiny.py")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--out", default="bench/results/train_step.json")
-    args = parser.parse_args()
-    config = load_config(args.config)
+def measure(config_path: str, steps: int) -> dict:
+    """Times `steps` train steps (after one compiling step) at the config; returns the numbers."""
+    config = load_config(config_path)
     t = config.train
     trainer = train.build_trainer(config)
     data = SyntheticDataset(config.model.vocab_size, t.seq_len, t.global_batch, t.seed)
@@ -41,17 +37,26 @@ def main() -> None:
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - compile_start
     start = time.perf_counter()
-    for i in range(1, args.steps + 1):
+    for i in range(1, steps + 1):
         batch = sharding.global_batch_array(data.local_batch(i), trainer.mesh, trainer.rules)
         state, metrics = trainer.step(state, batch)
     jax.block_until_ready(metrics)
     seconds = time.perf_counter() - start
-    result = {
-        "config": args.config, "devices": jax.device_count(), "platform": jax.default_backend(),
-        "global_batch": t.global_batch, "seq_len": t.seq_len, "steps": args.steps,
-        "first_step_s": compile_s, "step_s": seconds / args.steps,
-        "tokens_per_s": args.steps * t.global_batch * t.seq_len / seconds,
+    return {
+        "config": config_path, "devices": jax.device_count(), "platform": jax.default_backend(),
+        "global_batch": t.global_batch, "seq_len": t.seq_len, "steps": steps,
+        "first_step_s": compile_s, "step_s": seconds / steps,
+        "tokens_per_s": steps * t.global_batch * t.seq_len / seconds,
     }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", default="configs/tiny.py")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--out", default="bench/results/train_step.json")
+    args = parser.parse_args()
+    result = measure(args.config, args.steps)
     print(json.dumps(result, indent=2))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
