@@ -17,11 +17,9 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from effllm_jax.arch import ArchSpec
-from effllm_jax.model.compact import CompactLlama
-from effllm_jax.model.llama import embed_tokens, rope_tables, unembed
+from effllm_jax.model.compact import apply_compact
 from effllm_jax.model.lm import LanguageModel
 
 
@@ -46,22 +44,10 @@ def _step_fn(spec_json: str):
     temperature and top_k are traced, so greedy and sampling share one compilation.
     """
     spec = ArchSpec.from_json(spec_json)
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: CompactLlama(spec, rngs=nnx.Rngs(0))))
-    cfg = spec.model_config
 
     @jax.jit
     def step(params, tokens, pos, key, temperature, top_k):
-        state = jax.tree.map(lambda x: x, abstract)
-        nnx.replace_by_pure_dict(state, params)
-        model = nnx.merge(graphdef, state)
-        # CompactLlama.__call__ without the unembedding of every position
-        x = embed_tokens(model.embed[...], tokens, cfg.compute_dtype)
-        cos, sin = rope_tables(tokens.shape[1], cfg.head_dim, cfg.rope_theta)
-        for block in model.layers:
-            x = block(x, cos, sin)
-        x = model.final_norm(jnp.take_along_axis(x, pos[:, None, None], axis=1))
-        head = None if cfg.tie_embeddings else model.lm_head[...]
-        logits = unembed(x, model.embed[...], head)[:, 0]
+        logits = apply_compact(spec, params, tokens, pos)[:, 0]  # only the last real position
         scaled = logits / jnp.maximum(temperature, 1e-6)
         kth = jnp.sort(scaled, axis=-1)[:, scaled.shape[-1] - top_k][:, None]
         scaled = jnp.where(scaled < kth, -jnp.inf, scaled)

@@ -36,12 +36,15 @@ class CompactLlama(nnx.Module):
                 cfg.init_std * jax.random.normal(rngs.params(), (d, cfg.vocab_size)),
                 axes=("embed", "vocab"))
 
-    def __call__(self, tokens: jax.Array) -> jax.Array:
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+        """Logits [B, T, V]; or [B, 1, V] at one position per row (generation needs no more)."""
         cfg = self.cfg
         x = embed_tokens(self.embed[...], tokens, cfg.compute_dtype)
         cos, sin = rope_tables(tokens.shape[1], cfg.head_dim, cfg.rope_theta)
         for block in self.layers:
             x = block(x, cos, sin)
+        if positions is not None:
+            x = jnp.take_along_axis(x, positions[:, None, None], axis=1)
         x = self.final_norm(x)
         return unembed(x, self.embed[...], None if cfg.tie_embeddings else self.lm_head[...])
 
@@ -58,12 +61,13 @@ def abstract_compact_params(spec: ArchSpec) -> dict:
     return nnx.to_pure_dict(state)
 
 
-def apply_compact(spec: ArchSpec, params: dict, tokens: jax.Array) -> jax.Array:
-    """Logits [B, T, V] (float32) of the compact model."""
+def apply_compact(spec: ArchSpec, params: dict, tokens: jax.Array,
+                  positions: jax.Array | None = None) -> jax.Array:
+    """Logits [B, T, V] (float32) of the compact model ([B, 1, V] at `positions` if given)."""
     graphdef, abstract_state = _graphdef_and_abstract_state(spec.shape_key())
     state = jax.tree.map(lambda x: x, abstract_state)
     nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state)(tokens)
+    return nnx.merge(graphdef, state)(tokens, positions)
 
 
 def slice_params(params: dict, masks: Masks, cfg: ModelConfig) -> tuple[ArchSpec, dict]:
