@@ -176,9 +176,12 @@ def run(config, workdir: str) -> tuple[ts.TrainState, ArchSpec]:
     ckpt = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints)
     if ckpt.latest_step() is not None:
         step, spec, position = ckpt.restore_meta()
-        if spec.model != dataclasses.asdict(cfg):
-            raise ValueError(f"{workdir} holds a run of a different model ({spec.model}); use a "
-                             f"new --workdir or the same model config")
+        shape_fields = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
+                        "head_dim", "ffn_dim", "tie_embeddings")  # numerics (dtype, remat) may change
+        saved = {k: spec.model[k] for k in shape_fields}
+        if saved != {k: getattr(cfg, k) for k in shape_fields}:
+            raise ValueError(f"{workdir} holds a run of a different model ({saved}); use a "
+                             f"new --workdir or the same model shape")
         if position.get("seed") != t.seed:
             raise ValueError(f"{workdir} was trained with train.seed={position.get('seed')}, "
                              f"not {t.seed}: resuming would change the data order")
