@@ -23,6 +23,7 @@ from effllm_jax.pruning import groups, saliency
 from effllm_jax.pruning.schedule import PruneSchedule
 from effllm_jax.pruning.select import SelectConfig, select
 from effllm_jax import sharding
+from effllm_jax.losses import token_nll
 
 
 @flax.struct.dataclass
@@ -93,9 +94,8 @@ def state_shardings(cfg: StepConfig, tx: optax.GradientTransformation, mesh, rul
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """Mean next-token cross-entropy (float32)."""
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    gold = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jnp.mean(logz - gold)
+    total, count = token_nll(logits, targets)
+    return total / count
 
 
 def prune_event(state: TrainState, cfg: StepConfig, tx: optax.GradientTransformation) -> TrainState:

@@ -19,23 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from effllm_jax.losses import token_nll
 from effllm_jax.evaluate.scoring import (DEFAULT_BATCH_SIZE, DEFAULT_BUCKETS, DEFAULT_MAX_LENGTH,
                                          make_batch_scorer, pick_bucket, prefix_token_id)
-
-
-def token_nll(logits: jax.Array, targets: jax.Array, weights: jax.Array | None = None
-              ) -> tuple[jax.Array, jax.Array]:
-    """(sum of -log p(target), number of weighted targets) for logits [..., V], targets [...].
-
-    Pure and jittable: the training loop's eval loss is sum / count of this on held-out batches.
-    """
-    logits = logits.astype(jnp.float32)
-    target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), -1)[..., 0]
-    nll = jax.nn.logsumexp(logits, axis=-1) - target_logit
-    if weights is None:
-        weights = jnp.ones_like(nll)
-    weights = weights.astype(jnp.float32)
-    return jnp.sum(nll * weights), jnp.sum(weights)
 
 
 def eval_loss(logits_fn: Callable[[jax.Array], jax.Array], batches: Sequence[np.ndarray]) -> float:
