@@ -25,11 +25,7 @@ def _log(msg: str) -> None:
 
 def load_model(checkpoint: str, tokenizer: str | None = None) -> Any:
     """LanguageModel from a run dir, export dir or .gguf (via effllm_jax.export)."""
-    try:
-        from effllm_jax.export import load_language_model
-    except ImportError as e:
-        raise SystemExit(f"effllm_jax.export.load_language_model is not available ({e}); "
-                         "it is needed to load --checkpoint") from e
+    from effllm_jax.export import load_language_model  # late: keeps `--help` fast
     try:
         lm = load_language_model(checkpoint)
     except (FileNotFoundError, ValueError) as e:
