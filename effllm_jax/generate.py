@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import sys
 from typing import Sequence
 
@@ -65,7 +64,7 @@ def next_token_logits(lm: LanguageModel, tokens: Sequence[Sequence[int]]) -> np.
     buf = np.zeros((len(tokens), bucket_length(lengths.max())), np.int32)
     for b, row in enumerate(tokens):
         buf[b, :len(row)] = row
-    step = _step_fn(json.dumps(lm.spec.to_json(), sort_keys=True))
+    step = _step_fn(lm.spec.shape_key())
     _, logits = step(lm.params, buf, jnp.asarray(lengths - 1, jnp.int32), jax.random.key(0),
                      jnp.float32(0.0), jnp.int32(1))
     return np.asarray(logits)
@@ -94,7 +93,7 @@ def generate_batch(lm: LanguageModel, prompts: Sequence[str | Sequence[int]], *,
         rows.append(ids)
     if eos_id is None and tok is not None:
         eos_id = tok.eos_id
-    step = _step_fn(json.dumps(lm.spec.to_json(), sort_keys=True))
+    step = _step_fn(lm.spec.shape_key())
     vocab = lm.spec.model_config.vocab_size
     if top_k is not None and not 1 <= top_k <= vocab:
         raise ValueError(f"top_k={top_k} must lie in [1, {vocab}]")

@@ -14,7 +14,6 @@ once per bucket.
 from __future__ import annotations
 
 import functools
-import json
 from typing import Any, Callable, Iterable, Sequence
 
 import jax
@@ -73,13 +72,6 @@ def _score_from_logits(logits: jax.Array, targets: jax.Array, weights: jax.Array
 _score_jit = jax.jit(_score_from_logits)
 
 
-def _arch_key(spec: Any) -> str:
-    """Spec JSON without the progress fields: same architecture, same compiled program."""
-    data = spec.to_json()
-    data["step"], data["tokens_seen"] = 0, 0
-    return json.dumps(data, sort_keys=True)
-
-
 @functools.lru_cache(maxsize=8)
 def _fused_scorer(arch_json: str) -> Callable:
     """Jitted (params, tokens, targets, weights) -> (sums, greedy) for one architecture."""
@@ -107,7 +99,7 @@ def make_batch_scorer(lm: Any) -> Callable[[np.ndarray, np.ndarray, np.ndarray],
     from effllm_jax.model.lm import LanguageModel
 
     if isinstance(lm, LanguageModel):
-        fused = _fused_scorer(_arch_key(lm.spec))
+        fused = _fused_scorer(lm.spec.shape_key())
 
         def scorer(tokens, targets, weights):
             return tuple(np.asarray(x) for x in fused(lm.params, tokens, targets, weights))
