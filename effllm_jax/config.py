@@ -118,7 +118,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     t = config.train
     if t.steps < 1 or t.global_batch < 1 or t.seq_len < 2:
         raise ValueError("train.steps, train.global_batch must be >= 1 and train.seq_len >= 2")
-    if t.eval_tasks_every and t.eval_tasks:
+    if t.eval_tasks_every:
+        if not t.eval_tasks:
+            raise ValueError(f"train.eval_tasks_every={t.eval_tasks_every} but train.eval_tasks "
+                             f"is empty; name the tasks or set eval_tasks_every=0")
         from effllm_jax.evaluate.tasks import canonical_task  # names the unknown task
         for name in t.eval_tasks:
             canonical_task(name)

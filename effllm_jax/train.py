@@ -97,8 +97,6 @@ def evaluate_zero_shot(config, state: ts.TrainState, dataset) -> dict[str, float
     """Zero-shot task scores (harness conventions) of the masked model as it is now."""
     from effllm_jax.evaluate import evaluate_tasks  # late: only runs that ask for it pay
     from effllm_jax.model.lm import MaskedLanguageModel
-    if dataset.tokenizer is None:
-        raise ValueError("train.eval_tasks needs a tokenizer: use real text (data.kind='corpus')")
     t = config.train
     lm = MaskedLanguageModel(config_lib.model_config(config), state.params, state.masks,
                              dataset.tokenizer)
@@ -166,6 +164,8 @@ def run(config, workdir: str) -> tuple[ts.TrainState, ArchSpec]:
     if dataset.vocab_size > cfg.vocab_size:
         raise ValueError(f"the tokenizer has {dataset.vocab_size} tokens but model.vocab_size="
                          f"{cfg.vocab_size}; raise model.vocab_size")
+    if t.eval_tasks_every and dataset.tokenizer is None:  # fail now, not at the first eval
+        raise ValueError("train.eval_tasks needs a tokenizer: use real text (data.kind='corpus')")
 
     # ---------------------------------------------------------------- shard
     trainer = cached_trainer(config)

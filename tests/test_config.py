@@ -56,3 +56,10 @@ def test_unknown_eval_task_is_rejected_before_compiling(tmp_path):
     config.train.update(eval_tasks=("arc_hard",), eval_tasks_every=5)
     with pytest.raises(ValueError, match="unknown task 'arc_hard'"):
         train.run(config, str(tmp_path))
+    config.train.eval_tasks = ()
+    with pytest.raises(ValueError, match="train.eval_tasks is empty"):
+        train.run(config, str(tmp_path))
+    config.train.eval_tasks = ("piqa",)  # a known task, but synthetic data has no tokenizer
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        train.run(config, str(tmp_path))
+    assert not (tmp_path / "checkpoints").exists()
