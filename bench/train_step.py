@@ -1,4 +1,4 @@
-"""Train-step throughput at a config (default: the README demo), dense vs. while pruning.
+"""Train-step throughput (tokens/s) at a config, by default the README demo.
 
   python bench/train_step.py [--config=configs/tiny.py] [--steps=30]
 Prints tokens/s and writes bench/results/train_step.json.
