@@ -97,8 +97,10 @@ if args[3:4] == ["describe"]:
 '''
 
 FAKE_PYTHON = r'''#!{python}
-"""Stands in for the workers' python: records pip installs and the trainer's argv, env, cwd."""
-import json, os, sys, time
+"""Stands in for the workers' python: records pip installs and the trainer's argv, env, cwd.
+
+The trainer notes SIGTERM and carries on, like a trainer stuck in a collective: stop must KILL."""
+import json, os, signal, sys, time
 home = os.environ["HOME"]
 if sys.argv[1:3] == ["-m", "pip"]:
     with open(os.path.join(home, "pip_calls"), "a") as f:
@@ -110,6 +112,10 @@ record = dict(argv=sys.argv[1:], cwd=os.getcwd(), pid=os.getpid(), pgid=os.getpg
 with open(os.path.join(home, "trainer.json.tmp"), "w") as f:
     json.dump(record, f)
 os.replace(os.path.join(home, "trainer.json.tmp"), os.path.join(home, "trainer.json"))
+def on_term(*_):
+    with open(os.path.join(home, "sigterm"), "a") as f:
+        f.write(f"{os.getpid()}\n")
+signal.signal(signal.SIGTERM, on_term)
 print("fake trainer step 1", flush=True)
 time.sleep(60)  # until `stop` kills it
 '''
@@ -235,7 +241,7 @@ def test_pod_end_to_end_on_fake_workers(fake_cloud):
     env, workers = fake_cloud["env"], fake_cloud["workers"]
     common = ["my-tpu", "--zone=z"]
     args = ["launch", *common, "--config=configs/tiny.py", "--workdir=gs://bucket/run",
-            f"--python={fake_cloud['python']}", "--env=XLA_FLAGS=--xla_a=1 --xla_b", "--grace=5",
+            f"--python={fake_cloud['python']}", "--env=XLA_FLAGS=--xla_a=1 --xla_b", "--grace=2",
             *ODD_ARGS[:-3], "--", *ODD_ARGS[-3:]]
     _launcher(args, env=env)
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
@@ -269,12 +275,14 @@ def test_pod_end_to_end_on_fake_workers(fake_cloud):
     for w, old in zip(workers, first):
         new = _wait_for(w / "trainer.json", old_pid=old["pid"])
         assert not _alive(old["pid"]) and _alive(new["pid"])
+        assert (w / "sigterm").read_text().split() == [str(old["pid"])]  # TERM first, then KILL
         assert len((w / "pip_calls").read_text().splitlines()) == 1
     assert sum(c[3] == "scp" for c in fake_cloud["calls"]()) == 1
 
-    _launcher(["stop", *common], env=env)
+    _launcher(["stop", *common, "--grace=2"], env=env)
     for w in workers:
-        assert not _alive(json.loads((w / "trainer.json").read_text())["pid"])
+        pid = json.loads((w / "trainer.json").read_text())["pid"]
+        assert not _alive(pid) and (w / "sigterm").read_text().split()[-1] == str(pid)
         assert not (w / "effllm" / "trainer.pid").exists()
     assert _launcher(["status", *common], env=env).stdout.count("trainer not running") == 2
 
