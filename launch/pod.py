@@ -63,7 +63,23 @@ def quote_argv(argv: Sequence[str]) -> str:
 
 
 def _prelude(remote_dir: str) -> str:
-    return f'set -eu\ncd "$HOME"\nmkdir -p {q(remote_dir)}\nroot=$(cd {q(remote_dir)} && pwd)\n'
+    """Find (make) the worker's root; `ours PID` holds for processes running from under it, and
+    `trainer_group` prints the recorded trainer's process group while any of ours is in it."""
+    return f"""set -eu
+cd "$HOME"
+mkdir -p {q(remote_dir)}
+root=$(cd {q(remote_dir)} && pwd)
+ours() {{
+  case "$(readlink "/proc/$1/cwd" 2>/dev/null || true)" in "$root"/*) return 0 ;; esac
+  return 1
+}}
+trainer_group() {{
+  pgid=$(cat "$root/trainer.pid" 2>/dev/null || true)
+  for pid in $(pgrep -g "${{pgid:-none}}" 2>/dev/null || true); do
+    if ours "$pid"; then echo "$pgid"; return; fi
+  done
+}}
+"""
 
 
 def probe_script(remote_dir: str, commit: str) -> str:
@@ -74,11 +90,10 @@ def probe_script(remote_dir: str, commit: str) -> str:
 
 def stop_body(grace_s: int) -> str:
     """Kill the recorded trainer's process group and any trainer running from our code dirs."""
-    return f"""pids=""
-pgid=$(cat "$root/trainer.pid" 2>/dev/null || true)
-if [ -n "$pgid" ] && kill -0 -- "-$pgid" 2>/dev/null; then pids="-$pgid"; fi
+    return f"""pgid=$(trainer_group)
+pids=${{pgid:+-$pgid}}
 for pid in $(pgrep -u "$(id -u)" -f "{TRAINER_PATTERN}" || true); do
-  case "$(readlink "/proc/$pid/cwd" 2>/dev/null || true)" in "$root"/*) pids="$pids $pid" ;; esac
+  if ours "$pid"; then pids="$pids $pid"; fi
 done
 if [ -n "$pids" ]; then
   echo "$(hostname): stopping trainer(s) $pids"
@@ -86,12 +101,16 @@ if [ -n "$pids" ]; then
   kill -TERM -- $pids 2>/dev/null || true
   waited=0
   # shellcheck disable=SC2086
-  while [ "$waited" -lt {int(grace_s)} ] && kill -0 -- $pids 2>/dev/null; do sleep 1; waited=$((waited + 1)); done
+  while [ "$waited" -lt {int(grace_s)} ] && kill -0 -- $pids 2>/dev/null; do
+    sleep 1
+    waited=$((waited + 1))
+  done
   # shellcheck disable=SC2086
   kill -KILL -- $pids 2>/dev/null || true
 fi
 rm -f "$root/trainer.pid"
-rm -f /tmp/libtpu_lockfile 2>/dev/null || true  # left behind by a killed TPU process; blocks the next
+# A killed TPU process leaves the libtpu lock file behind, and it would block the next one.
+rm -f /tmp/libtpu_lockfile 2>/dev/null || true
 """
 
 
@@ -120,7 +139,7 @@ class LaunchSpec:
 
 
 def launch_script(remote_dir: str, spec: LaunchSpec) -> str:
-    """Unpack the shipped commit, install it once, stop stale trainers, start the trainer detached."""
+    """Unpack the shipped commit, install it once, stop stale trainers, start one detached."""
     c = spec.commit
     cache = ('JAX_COMPILATION_CACHE_DIR="$root/jax_cache"' if spec.compilation_cache is None
              else q(f"JAX_COMPILATION_CACHE_DIR={spec.compilation_cache}"))
@@ -130,7 +149,10 @@ def launch_script(remote_dir: str, spec: LaunchSpec) -> str:
 code="$root/src/{c}"
 tarball="$HOME/effllm-{c}.tar.gz"
 if [ ! -d "$code" ]; then
-  if [ ! -f "$tarball" ]; then echo "$host: error: neither $code nor $tarball is here" >&2; exit 1; fi
+  if [ ! -f "$tarball" ]; then
+    echo "$host: error: neither $code nor $tarball is here" >&2
+    exit 1
+  fi
   rm -rf "$code.partial" && mkdir -p "$code.partial"
   tar -xzf "$tarball" -C "$code.partial"
   mv "$code.partial" "$code"
@@ -139,9 +161,10 @@ rm -f "$tarball"
 mkdir -p "$root/logs"
 if [ "$(cat "$root/installed" 2>/dev/null || true)" != "{c} "{q(spec.python)} ]; then
   echo "$host: pip install -e .[tpu] of {c[:12]} (once per commit)"
-  if ! (cd "$code" && {q(spec.python)} -m pip install -e ".[tpu]") >"$root/logs/install-{c}.log" 2>&1; then
-    tail -n 20 "$root/logs/install-{c}.log" >&2
-    echo "$host: error: pip install failed, full log in $root/logs/install-{c}.log" >&2
+  install_log="$root/logs/install-{c}.log"
+  if ! (cd "$code" && {q(spec.python)} -m pip install -e ".[tpu]") >"$install_log" 2>&1; then
+    tail -n 20 "$install_log" >&2
+    echo "$host: error: pip install failed, full log in $install_log" >&2
     exit 1
   fi
   echo "{c} "{q(spec.python)} >"$root/installed"
@@ -161,12 +184,14 @@ echo "$host: trainer started (pid $!), log $log"
 def status_script(remote_dir: str) -> str:
     """One line per worker: running or not, commit, log, and the log's last line."""
     return _prelude(remote_dir) + """host=$(hostname)
-pgid=$(cat "$root/trainer.pid" 2>/dev/null || true)
+pgid=$(trainer_group)
 state="not running"
-if [ -n "$pgid" ] && kill -0 -- "-$pgid" 2>/dev/null; then state="running (pid $pgid)"; fi
+if [ -n "$pgid" ]; then state="running (pid $pgid)"; fi
 log=$(readlink "$root/logs/latest.log" 2>/dev/null || echo none)
 echo "$host: trainer $state; commit $(cat "$root/commit" 2>/dev/null || echo none); log $log"
-if [ -f "$log" ]; then echo "$host:   $(tail -n 1 "$log" | tr "\\r" "\\n" | grep . | tail -n 1)"; fi
+if [ -f "$log" ]; then  # the last line, or tqdm's last progress update
+  echo "$host:   $(tail -n 1 "$log" | tr "\\r" "\\n" | grep . | tail -n 1)"
+fi
 """
 
 
@@ -175,9 +200,12 @@ def logs_script(remote_dir: str, lines: int, follow: bool, prefix: bool) -> str:
     tail = f'tail -n {int(lines)}{" -F" if follow else ""} "$root/logs/latest.log"'
     if prefix:
         tail += ' | sed -u "s|^|$(hostname): |"'
-    return _prelude(remote_dir) + (
-        'if [ ! -e "$root/logs/latest.log" ]; then echo "$(hostname): no log yet in $root/logs" >&2; exit 1; fi\n'
-        f"{tail}\n")
+    return _prelude(remote_dir) + f"""if [ ! -e "$root/logs/latest.log" ]; then
+  echo "$(hostname): no log yet in $root/logs" >&2
+  exit 1
+fi
+{tail}
+"""
 
 
 def remote_command(script: str) -> str:
@@ -234,8 +262,10 @@ class Pod:
 
     def describe(self) -> list[str]:
         """Prints the state (READY, PREEMPTED, ...; ACTIVE, WAITING_FOR_RESOURCES, ...)."""
-        kind, fmt = ("queued-resources", "value(state.state)") if self.queued else ("tpu-vm", "value(state)")
-        return self.gcloud(kind, "describe", self.name, f"--format={fmt}")
+        if self.queued:
+            return self.gcloud("queued-resources", "describe", self.name,
+                               "--format=value(state.state)")
+        return self.gcloud("tpu-vm", "describe", self.name, "--format=value(state)")
 
     def delete(self) -> list[str]:
         """Delete the VM (a queued resource with --force, which deletes its node too)."""
@@ -285,7 +315,7 @@ def cmd_create(args, pod: Pod, runner: Runner) -> None:
         runner.run(create_command(pod, args.accelerator_type, args.runtime_version,
                                   args.spot, args.reserved))
     if runner.dry_run:
-        runner.note(f"then poll the describe command until it prints {' or '.join(sorted(READY_STATES))}")
+        runner.note(f"then poll describe until it prints {' or '.join(sorted(READY_STATES))}")
         return
     deadline = time.monotonic() + 60 * args.wait_minutes
     while (state := current_state(pod, runner)) not in READY_STATES:
@@ -312,7 +342,7 @@ def local_commit() -> str:
 
 
 def cmd_launch(args, pod: Pod, runner: Runner) -> None:
-    """Ship HEAD where it is missing, install once, stop stale trainers, start detached everywhere."""
+    """Ship HEAD where missing, install once, stop stale trainers, start detached everywhere."""
     commit = local_commit()
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
     spec = LaunchSpec(commit=commit, config=args.config, workdir=args.workdir,
@@ -325,7 +355,8 @@ def cmd_launch(args, pod: Pod, runner: Runner) -> None:
     if probe is None or MISSING_MARK in probe.stdout:
         with tempfile.TemporaryDirectory() as tmp:
             tarball = os.path.join(tmp, f"effllm-{commit}.tar.gz")
-            runner.run(["git", "-C", REPO_ROOT, "archive", "--format=tar.gz", f"--output={tarball}", commit])
+            runner.run(["git", "-C", REPO_ROOT, "archive", "--format=tar.gz",
+                        f"--output={tarball}", commit])
             runner.run(pod.gcloud("tpu-vm", "scp", tarball, f"{pod.name}:effllm-{commit}.tar.gz",
                                   "--worker=all"))
     else:
@@ -376,27 +407,27 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--project", help="default: gcloud config core/project")
     common.add_argument("--dry-run", action="store_true", help="print every command, run none")
     common.add_argument("--remote-dir", default="effllm", help="worker directory, relative to home")
-    common.add_argument("--queued", action="store_true", help="a queued resource, not a plain TPU VM")
+    common.add_argument("--queued", action="store_true", help="a queued resource, not a TPU VM")
     parser = _Parser(prog=PROG, allow_abbrev=False, description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     create = sub.add_parser("create", parents=[common], allow_abbrev=False,
                             help="create (or reuse, or recreate after preemption)")
-    create.add_argument("--accelerator-type", default="v5litepod-16", help="e.g. v5litepod-16, v5p-16")
+    create.add_argument("--accelerator-type", default="v5litepod-16", help="e.g. v5p-16")
     create.add_argument("--runtime-version", default="v2-alpha-tpuv5-lite",
                         help="TPU software version, e.g. v2-alpha-tpuv5-lite, v2-alpha-tpuv5")
     kind = create.add_mutually_exclusive_group()
     kind.add_argument("--spot", action="store_true", help="spot capacity (can be preempted)")
     kind.add_argument("--reserved", action="store_true", help="the project's reservation")
-    create.add_argument("--wait-minutes", type=float, default=120, help="how long to wait for READY")
+    create.add_argument("--wait-minutes", type=float, default=120, help="wait this long for READY")
 
     launch = sub.add_parser("launch", parents=[common], allow_abbrev=False,
                             help="ship HEAD, install once, start the trainer on every worker",
                             epilog="Trainer overrides: any --config.x=y, and everything after --.")
     launch.add_argument("--config", required=True, help="e.g. configs/smollm_1p7b.py:134m")
-    launch.add_argument("--workdir", required=True, help="gs://BUCKET/runs/NAME, shared by all workers")
+    launch.add_argument("--workdir", required=True, help="gs://BUCKET/runs/NAME, shared by all")
     launch.add_argument("--python", default="python3", help="interpreter on the workers")
-    launch.add_argument("--compilation-cache", help="JAX_COMPILATION_CACHE_DIR (default: per worker)")
+    launch.add_argument("--compilation-cache", help="JAX_COMPILATION_CACHE_DIR (default: local)")
     launch.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="extra environment for the trainer (repeatable)")
     launch.add_argument("--allow-local-workdir", action="store_true",
@@ -405,12 +436,15 @@ def build_parser() -> argparse.ArgumentParser:
                                      help="stop the trainer (and stale ones) on every worker")):
         p.add_argument("--grace", type=int, default=30, help="seconds between SIGTERM and SIGKILL")
 
-    sub.add_parser("status", parents=[common], allow_abbrev=False, help="pod state and every worker's trainer")
-    logs = sub.add_parser("logs", parents=[common], allow_abbrev=False, help="tail one worker's log, or all")
+    sub.add_parser("status", parents=[common], allow_abbrev=False,
+                   help="pod state and every worker's trainer")
+    logs = sub.add_parser("logs", parents=[common], allow_abbrev=False,
+                          help="tail one worker's log, or all")
     logs.add_argument("--worker", default="0", help="worker index, or all")
     logs.add_argument("--lines", type=int, default=50)
     logs.add_argument("--follow", "-f", action="store_true")
-    sub.add_parser("delete", parents=[common], allow_abbrev=False, help="delete the TPU VM / queued resource")
+    sub.add_parser("delete", parents=[common], allow_abbrev=False,
+                   help="delete the TPU VM or queued resource")
     return parser
 
 
@@ -444,7 +478,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{PROG}: error: {e} (try {PROG} --help)", file=sys.stderr)
         return 2
     pod = Pod(args.tpu, args.zone, args.project, queued=args.queued)
-    COMMANDS[args.command](args, pod, Runner(args.dry_run))
+    try:
+        COMMANDS[args.command](args, pod, Runner(args.dry_run))
+    except KeyboardInterrupt:  # e.g. leaving `logs -f`; the trainers keep running
+        return 130
     return 0
 
 
