@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -52,9 +53,17 @@ class UsageError(Exception):
 
 
 # ----------------------------------------------------------------------------- remote scripts
-# Each returns a POSIX shell script (run by bash on the worker); values are quoted with q().
+# Each returns a bash script for the worker; every value in it is quoted with q().
 
-q = shlex.quote
+def q(word: str) -> str:
+    """One shell word that the worker's shell reads back as exactly `word` (cf. printf %q).
+
+    shlex.quote's single quotes, except that a word holding a single quote goes in double
+    quotes with $ ` " and backslash escaped, so overrides such as sources="('a','b')" stay
+    legible in --dry-run's output."""
+    if "'" not in word:
+        return shlex.quote(word)
+    return '"' + re.sub(r'([$`"\\])', r"\\\1", word) + '"'
 
 
 def quote_argv(argv: Sequence[str]) -> str:
@@ -66,6 +75,7 @@ def _prelude(remote_dir: str) -> str:
     """Find (make) the worker's root; `ours PID` holds for processes running from under it, and
     `trainer_group` prints the recorded trainer's process group while any of ours is in it."""
     return f"""set -eu
+if [ -z "${{BASH_VERSION:-}}" ]; then echo "$(hostname): error: needs bash as the login shell" >&2; exit 1; fi
 cd "$HOME"
 mkdir -p {q(remote_dir)}
 root=$(cd {q(remote_dir)} && pwd)
@@ -208,11 +218,6 @@ fi
 """
 
 
-def remote_command(script: str) -> str:
-    """The `--command` string: whatever the worker's login shell, bash runs `script` verbatim."""
-    return "bash -c " + q(script)
-
-
 # ----------------------------------------------------------------------------- local side
 
 class Runner:
@@ -256,9 +261,9 @@ class Pod:
         return ["gcloud", "compute", "tpus", *args, *loc]
 
     def ssh(self, script: str, worker: str = "all") -> list[str]:
-        """Run `script` on one worker or on all of them at once."""
-        return self.gcloud("tpu-vm", "ssh", self.name, f"--worker={worker}",
-                           f"--command={remote_command(script)}")
+        """Run `script` on one worker or on all of them at once (sshd hands the --command
+        string to the user's login shell, bash on TPU VMs: one level of quoting)."""
+        return self.gcloud("tpu-vm", "ssh", self.name, f"--worker={worker}", f"--command={script}")
 
     def describe(self) -> list[str]:
         """Prints the state (READY, PREEMPTED, ...; ACTIVE, WAITING_FOR_RESOURCES, ...)."""

@@ -33,10 +33,10 @@ ODD_ARGS = [
     "--config.glob=* ?.py [ab] ~ ; && || | > < & ! #not-a-comment",
     "--config.newline=line1\nline2",
     "--config.unicode=naïve – ✓",
-    "",
-    "-",
-    "--",
+    # what follows is not a --config.* override: it reaches the trainer after --
+    "'", "\\", "it's\\", "'$'", "", "-", "--",
 ]
+PLAIN = ODD_ARGS.index("'")
 
 
 def _load_pod():
@@ -84,8 +84,9 @@ which = flag("--worker")
 chosen = workers if which == "all" else [workers[int(which or 0)]]
 if args[3:4] == ["ssh"]:
     rc = 0
-    for home in chosen:  # sshd hands the command string to the user's login shell
-        rc |= subprocess.run(["sh", "-c", flag("--command")], env={**os.environ, "HOME": home}).returncode
+    for home in chosen:  # sshd hands the command string to the user's login shell, bash
+        rc |= subprocess.run(["bash", "-c", flag("--command")],
+                             env={**os.environ, "HOME": home}).returncode
     sys.exit(rc)
 if args[3:4] == ["scp"]:
     src, dst = args[4], args[5].split(":", 1)[1]
@@ -174,15 +175,19 @@ def _alive(pid: int) -> bool:
 # ----------------------------------------------------------------------------- tests
 
 def test_quoting_round_trip_through_bash():
-    """Argv -> the words the launcher writes -> a real bash -c (and the login-shell layer)."""
+    """Argv -> the words the launcher writes into the remote script -> a real bash -c."""
     printer = "printf '%s\\0' "
-    for argv in (ODD_ARGS, [README_OVERRIDE]):
-        direct = subprocess.run(["bash", "-c", printer + pod.quote_argv(argv)],
-                                capture_output=True, check=True).stdout
-        assert direct.decode().split("\0")[:-1] == argv
-        via_ssh = subprocess.run(["sh", "-c", pod.remote_command(printer + pod.quote_argv(argv))],
+    shells = ["bash"] + (["dash"] if shutil.which("dash") else [])  # the words are POSIX
+    for shell in shells:
+        for argv in [ODD_ARGS, [README_OVERRIDE], *([a] for a in ODD_ARGS)]:
+            out = subprocess.run([shell, "-c", printer + pod.quote_argv(argv)],
                                  capture_output=True, check=True).stdout
-        assert via_ssh.decode().split("\0")[:-1] == argv
+            assert out.decode().split("\0")[:-1] == argv
+    assert pod.quote_argv([README_OVERRIDE]) == '"' + README_OVERRIDE + '"'  # legible in --dry-run
+    if "dash" in shells:  # a login shell that is not bash gets one clear line, not a half-run
+        proc = subprocess.run(["dash", "-c", pod.status_script("effllm")], capture_output=True,
+                              text=True, env={**os.environ, "HOME": "/nonexistent"})
+        assert proc.returncode == 1 and "needs bash as the login shell" in proc.stderr
     spec = pod.LaunchSpec(commit="c" * 40, config="configs/x.py:134m", workdir="gs://b/run",
                           overrides=list(ODD_ARGS))
     assert spec.trainer_argv()[3:] == ["--config=configs/x.py:134m", "--workdir=gs://b/run", *ODD_ARGS]
@@ -216,11 +221,9 @@ def test_dry_run_prints_the_gcloud_commands_and_runs_none(fake_cloud):
     assert scp[6:] == [f"my-tpu:effllm-{commit}.tar.gz", "--worker=all", *loc[:2]]
     assert start[:len(ssh)] == ssh
     script = start[len(ssh)].removeprefix("--command=")
-    inner = shlex.split(script)  # ["bash", "-c", SCRIPT]
-    assert inner[:2] == ["bash", "-c"]
-    assert "EFFLLM_DISTRIBUTED=1" in inner[2] and "JAX_COMPILATION_CACHE_DIR=" in inner[2]
+    assert "EFFLLM_DISTRIBUTED=1" in script and "JAX_COMPILATION_CACHE_DIR=" in script
     assert pod.quote_argv(["python3", "-m", "effllm_jax.train", "--config=configs/smollm_1p7b.py:134m",
-                           "--workdir=gs://bucket/runs/134m", README_OVERRIDE, "--extra=a b"]) in inner[2]
+                           "--workdir=gs://bucket/runs/134m", README_OVERRIDE, "--extra=a b"]) in script
 
     for sub, extra, worker in (("stop", [], "all"), ("logs", ["--worker=3", "-f"], "3"),
                                ("status", [], "all")):
@@ -242,7 +245,7 @@ def test_pod_end_to_end_on_fake_workers(fake_cloud):
     common = ["my-tpu", "--zone=z"]
     args = ["launch", *common, "--config=configs/tiny.py", "--workdir=gs://bucket/run",
             f"--python={fake_cloud['python']}", "--env=XLA_FLAGS=--xla_a=1 --xla_b", "--grace=2",
-            *ODD_ARGS[:-3], "--", *ODD_ARGS[-3:]]
+            *ODD_ARGS[:PLAIN], "--", *ODD_ARGS[PLAIN:]]
     _launcher(args, env=env)
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
                             text=True, check=True).stdout.strip()
