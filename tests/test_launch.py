@@ -93,8 +93,15 @@ if args[3:4] == ["scp"]:
     for home in chosen:
         shutil.copy(src, os.path.join(home, dst))
     sys.exit(0)
+state_file = os.environ["FAKE_STATE"]  # the TPU's state; absent: it does not exist
+state = open(state_file).read() if os.path.exists(state_file) else "READY"
 if args[3:4] == ["describe"]:
-    print("READY")
+    if state == "absent":
+        sys.exit(print("ERROR: (gcloud.compute.tpus.tpu-vm.describe) NOT_FOUND: no such node",
+                       file=sys.stderr) or 1)
+    print(state)
+if args[3:4] in (["create"], ["delete"]):
+    open(state_file, "w").write("READY" if args[3] == "create" else "absent")
 '''
 
 FAKE_PYTHON = r'''#!{python}
@@ -136,8 +143,9 @@ def fake_cloud(tmp_path):
     log = tmp_path / "gcloud.log"
     log.touch()
     env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FAKE_GCLOUD_LOG": str(log),
-           "FAKE_WORKERS": os.pathsep.join(map(str, workers))}
+           "FAKE_WORKERS": os.pathsep.join(map(str, workers)), "FAKE_STATE": str(tmp_path / "state")}
     fake = dict(env=env, workers=workers, python=str(bin_dir / "fakepython"),
+                set_state=(tmp_path / "state").write_text,
                 calls=lambda: [json.loads(line) for line in log.read_text().splitlines()])
     yield fake
     for w in workers:  # never leave a fake trainer behind, whatever the test did
@@ -288,6 +296,23 @@ def test_pod_end_to_end_on_fake_workers(fake_cloud):
         assert not _alive(pid) and (w / "sigterm").read_text().split()[-1] == str(pid)
         assert not (w / "effllm" / "trainer.pid").exists()
     assert _launcher(["status", *common], env=env).stdout.count("trainer not running") == 2
+
+
+def test_create_reuses_a_ready_tpu_and_recreates_a_preempted_one(fake_cloud):
+    env, verbs = fake_cloud["env"], lambda: [c[3] for c in fake_cloud["calls"]()]
+    flags = ["my-tpu", "--zone=z", "--spot"]
+    fake_cloud["set_state"]("absent")
+    _launcher(["create", *flags], env=env)
+    assert verbs() == ["describe", "create", "describe"]
+    _launcher(["create", *flags], env=env)  # READY now: reused
+    assert verbs()[3:] == ["describe"]
+    fake_cloud["set_state"]("PREEMPTED")
+    proc = _launcher(["create", *flags], env=env)
+    assert verbs()[4:] == ["describe", "delete", "create", "describe"]
+    assert "PREEMPTED: deleting it" in proc.stderr
+    fake_cloud["set_state"]("absent")
+    assert "my-tpu: does not exist" in _launcher(["status", "my-tpu"], env=env).stderr
+    assert verbs()[-1] == "describe"  # and no ssh to a TPU that is not there
 
 
 def test_shellcheck_passes_on_launch_and_generated_scripts():
