@@ -325,7 +325,7 @@ def cmd_create(args, pod: Pod, runner: Runner) -> None:
     deadline = time.monotonic() + 60 * args.wait_minutes
     while (state := current_state(pod, runner)) not in READY_STATES:
         if state in DEAD_STATES or time.monotonic() > deadline:
-            raise SystemExit(f"{PROG}: error: {pod.name} is {state} after waiting "
+            raise SystemExit(f"{PROG}: error: {pod.name} is {state or 'gone'} after waiting "
                              f"{args.wait_minutes} min")
         runner.note(f"{pod.name} is {state}; waiting")
         time.sleep(30)
