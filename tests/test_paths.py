@@ -21,7 +21,7 @@ from fsspec.implementations.local import LocalFileSystem
 from orbax.checkpoint._src.path import gcs_utils
 
 from effllm_jax import checkpoint as ckpt_lib
-from effllm_jax import paths, train
+from effllm_jax import export, paths, train
 
 REPO = Path(__file__).resolve().parents[1]
 FSSPEC_PROTOCOLS = importlib.import_module("fsspec.registry")._registry  # protocol -> class
@@ -107,6 +107,12 @@ def test_a_run_lives_entirely_in_a_gs_run_directory_and_resumes_there(fake_gcs, 
     for step in (3, 4):
         assert resumed[step] == pytest.approx(first[step], rel=1e-6, abs=1e-6)
     assert not any(Path.cwd().iterdir())
+
+    # Export reads the gs:// run (weights and tokenizer) into a local export directory.
+    export.export_run(workdir, str(tmp_path / "export"), "flax")
+    assert (tmp_path / "export" / "tokenizer" / "tokenizer.model").read_bytes() == \
+        (run / "tokenizer.model").read_bytes()
+    assert json.loads((tmp_path / "export" / "spec.json").read_text())["step"] == 4
 
 
 def test_gs_without_a_gcs_client_is_one_clear_error_before_compiling(tmp_path, monkeypatch):
