@@ -16,6 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from effllm_jax import paths
 from effllm_jax.arch import ArchSpec
@@ -27,7 +28,7 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read; nothing on disk has been changed."""
 
 
-def _directory(workdir: str) -> paths.epath.Path:
+def _directory(workdir: str) -> epath.Path:
     return paths.join(workdir, "checkpoints")
 
 
@@ -106,6 +107,7 @@ def save_run_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     """The config a run was started with."""
+    paths.check_access(workdir)  # gs:// without client or credentials: one clear line
     path = paths.join(workdir, CONFIG_FILE)
     if not path.exists():
         raise CheckpointError(f"{path} is missing: {workdir} is not a training run directory")

@@ -143,7 +143,7 @@ class MetricWriter:
             return
         for name, value in scalars.items():
             self.tb.add_scalar(name, value, step)
-        self.lines.append(json.dumps({"step": step, **scalars}))
+        self.lines.append(json.dumps({"step": step, **scalars}, default=float))
         if time.monotonic() - self.flushed > self.FLUSH_S:
             self.flush()
         if quiet:
