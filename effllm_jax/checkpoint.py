@@ -101,8 +101,8 @@ def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
 
 def save_run_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     """Writes the run's config next to its checkpoints (JSON, human-readable)."""
-    # atomic: a crash never leaves a half-written config
-    paths.write_text(paths.join(workdir, CONFIG_FILE), config.to_json_best_effort(indent=2, sort_keys=True))
+    text = config.to_json_best_effort(indent=2, sort_keys=True)
+    paths.write_text(paths.join(workdir, CONFIG_FILE), text)  # atomic: never half-written
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:

@@ -1,6 +1,7 @@
 """Multi-host start: jax.distributed from flags, the environment, or auto-detection on TPU.
 
-  python -m effllm_jax.train ... --coordinator_address=10.0.0.1:1234 --num_processes=2 --process_id=0
+  python -m effllm_jax.train ... --coordinator_address=10.0.0.1:1234 --num_processes=2 \
+      --process_id=0
 
 CPU and GPU clusters pass all three (each flag may come from its environment variable instead:
 EFFLLM_COORDINATOR_ADDRESS, EFFLLM_NUM_PROCESSES, EFFLLM_PROCESS_ID; a flag wins). With none of

@@ -100,6 +100,10 @@ def remove(path: PathLike) -> None:
 
 
 # -------------------------------------------------------------------- can this machine use it?
+# (module, pip package) a gs:// run directory needs: epath's filesystem, and the client Orbax uses.
+GCS_CLIENTS = (("gcsfs", "gcsfs"), ("google.cloud.storage", "google-cloud-storage"))
+
+
 def check_access(path: PathLike) -> None:
     """Raises PathError naming the problem when `path` is a URL this machine cannot use.
 
@@ -112,7 +116,7 @@ def check_access(path: PathLike) -> None:
         return
     scheme = text.split("://", 1)[0]
     if scheme not in ("gs", "s3", "az", "hf"):
-        raise PathError(f"--workdir={text}: unsupported URL scheme {scheme}:// (use a local path or "
+        raise PathError(f"{text}: unsupported URL scheme {scheme}:// (use a local path or "
                         "gs://bucket/dir)")
     if scheme != "gs":
         return
@@ -124,17 +128,15 @@ def check_access(path: PathLike) -> None:
     if "gcsfs" in missing and _module_available("tensorflow"):
         missing.remove("gcsfs")  # epath reads gs:// through tf.io.gfile then
     if missing:
-        raise PathError(f"--workdir={text} is on Google Cloud Storage, but the GCS client is not "
-                        f"installed (missing {', '.join(missing)}): pip install {' '.join(missing)}")
+        raise PathError(f"the run directory {text} is on Google Cloud Storage, but the GCS client "
+                        f"is not installed (missing {', '.join(missing)}): "
+                        f"pip install {' '.join(missing)}")
     problem = _gcs_credentials_problem()
     if problem:
-        raise PathError(f"--workdir={text}: no Google Cloud credentials on this machine "
+        raise PathError(f"{text}: no Google Cloud credentials on this machine "
                         f"({problem}); run `gcloud auth application-default login`, set "
                         "GOOGLE_APPLICATION_CREDENTIALS, or run on a VM with a service account")
 
-
-# (module, pip package) a gs:// run directory needs: epath's filesystem, and the client Orbax uses.
-GCS_CLIENTS = (("gcsfs", "gcsfs"), ("google.cloud.storage", "google-cloud-storage"))
 
 
 def _module_available(name: str) -> bool:

@@ -188,8 +188,8 @@ def run(config, workdir: str) -> tuple[ts.TrainState, ArchSpec]:
 
     # ---------------------------------------------------------------- input
     dataset = data_lib.build_dataset(config.data, seq_len=t.seq_len, global_batch=t.global_batch,
-                                     seed=t.seed, workdir=workdir, process_index=jax.process_index(),
-                                     barrier=distributed.barrier)
+                                     seed=t.seed, workdir=workdir,
+                                     process_index=jax.process_index(), barrier=distributed.barrier)
     if dataset.vocab_size > cfg.vocab_size:
         raise ValueError(f"the tokenizer has {dataset.vocab_size} tokens but model.vocab_size="
                          f"{cfg.vocab_size}; raise model.vocab_size")

@@ -101,7 +101,8 @@ def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(config_path
     assert "Architecture found" in main_out and "pruning event" in main_out
     # Only process 0 logs (gloo's C++ runtime prints its connections on each process).
     assert [line for line in other_out.splitlines() if not line.startswith("[Gloo]")] == []
-    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["12", "6"]
+    steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [6, 12]
     two = losses(run)
     assert sorted(two) == list(range(1, 13)) == sorted(uninterrupted)
     for step in two:
@@ -132,7 +133,7 @@ def test_per_host_run_directories_fail_at_start_on_every_process(config_path, tm
 
 @pytest.mark.parametrize("given, message", [
     ({"coordinator_address": "h:1"}, "missing --num_processes"),
-    ({"coordinator_address": "h:1", "num_processes": 2, "process_id": 2}, r"--process_id=2 must be in"),
+    ({"coordinator_address": "h:1", "num_processes": 2, "process_id": 2}, "--process_id=2 must be"),
     ({"coordinator_address": "h", "num_processes": 2, "process_id": 0}, "must be HOST:PORT"),
 ])
 def test_bad_multi_host_flags_are_named(given, message):

@@ -147,7 +147,8 @@ def test_gs_without_credentials_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "google", google)
     monkeypatch.setitem(sys.modules, "google.auth", auth)
     monkeypatch.setitem(sys.modules, "google.auth.exceptions", auth.exceptions)
-    monkeypatch.setitem(sys.modules, "google.cloud.storage", types.ModuleType("google.cloud.storage"))
+    storage = types.ModuleType("google.cloud.storage")
+    monkeypatch.setitem(sys.modules, "google.cloud.storage", storage)
     monkeypatch.setitem(sys.modules, "gcsfs", gcsfs)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(paths.PathError, match=r"gs://b/run: no Google Cloud credentials on this "

@@ -98,7 +98,7 @@ def load_exported(path: str) -> LanguageModel:
 
 
 def load_language_model(path: str, step: int | None = None) -> LanguageModel:
-    """Any model we can read: training workdir (local or gs://), flax/hf export directory, or .gguf file."""
+    """Any model we can read: a training workdir (local or gs://), an export, or a .gguf file."""
     if paths.is_remote(path):  # only training runs live at URLs
         return _load_run_model(path, step)
     if not os.path.exists(path):
