@@ -1,5 +1,6 @@
 """Multi-host runs: 2 processes x 4 CPU devices through jax.distributed, resumed on 1 x 8;
-per-host run directories fail at start; every host gets the same tokenizer, trained once.
+per-host run directories fail at start; every host gets the same tokenizer, trained once by
+process 0 (and byte-identical whatever the thread count).
 """
 import importlib.util
 import json
@@ -17,17 +18,18 @@ from effllm_jax import data, distributed, train
 from effllm_jax.data import corpora, fetch
 
 REPO = Path(__file__).resolve().parents[1]
-# The tiny config of conftest.make_tiny_config, as a config file the CLI can read: pruning
-# events at steps 4, 6, 8, 10; checkpoints at 6 and 12; the loss logged at every step.
+# The tiny model of conftest.make_tiny_config on real text, as a config file the CLI reads:
+# pruning events at steps 4, 6, 8, 10; checkpoints at 6 and 12; the loss logged at every step.
 CONFIG_FILE = """
 from effllm_jax import config as config_lib
 
 
 def get_config():
     c = config_lib.base_config()
-    c.model.update(vocab_size=128, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
+    c.model.update(vocab_size=512, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
                    head_dim=8, ffn_dim=48)
-    c.data.update(kind="synthetic", vocab_size=128)
+    c.data.update(kind="corpus", sources=({corpus!r},), heldout=())
+    c.data.tokenizer.vocab_size = 512
     c.prune.update(target_fraction=0.45, warmup_steps=2, prune_steps=8, every=2)
     c.optim.update(lr=1e-2, warmup_steps=2)
     c.train.update(steps=12, global_batch=8, seq_len=16, log_every=1, checkpoint_every=6,
@@ -37,9 +39,19 @@ def get_config():
 
 
 @pytest.fixture(scope="module")
-def config_path(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("config") / "tiny_multihost.py"
-    path.write_text(CONFIG_FILE)
+def novels() -> list[str]:
+    """Real text: the start of three Austen novels (the persistent corpus cache)."""
+    docs = {d.name: d.text for d in corpora.load_corpus("austen", fetch.cache_root())}
+    return [docs[f"austen/{n}"][:150_000] for n in ("emma", "mansfieldpark", "sensesensibility")]
+
+
+@pytest.fixture(scope="module")
+def config_path(tmp_path_factory, novels) -> Path:
+    folder = tmp_path_factory.mktemp("config")
+    corpus = folder / "emma.txt"
+    corpus.write_text(novels[0][:60_000], encoding="utf-8")
+    path = folder / "tiny_multihost.py"
+    path.write_text(CONFIG_FILE.format(corpus=str(corpus)))
     return path
 
 
@@ -59,15 +71,14 @@ def launch(config_path: Path, workdirs: list[Path], tmp_path: Path) -> list[subp
     """Starts one CLI training process per workdir, all in one jax.distributed cluster."""
     address = f"localhost:{portpicker.pick_unused_port()}"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO),
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-           "EFFLLM_CACHE": str(tmp_path / "cache")}
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     for var in ("EFFLLM_DISTRIBUTED", *distributed.ENV_VARS.values()):
         env.pop(var, None)
-    return [subprocess.Popen(
+    return [subprocess.Popen(  # each "host" has its own local cache
         [sys.executable, "-m", "effllm_jax.train", f"--config={config_path}", f"--workdir={w}",
          f"--coordinator_address={address}", f"--num_processes={len(workdirs)}",
-         f"--process_id={i}"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True) for i, w in enumerate(workdirs)]
+         f"--process_id={i}"], cwd=REPO, env={**env, "EFFLLM_CACHE": str(tmp_path / f"cache{i}")},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i, w in enumerate(workdirs)]
 
 
 def finish(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, str, str]]:
@@ -88,12 +99,14 @@ def finish(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, str
 def uninterrupted(config_path, tmp_path_factory) -> dict[int, float]:
     """Per-step losses of the whole run in this one process, on 8 devices."""
     workdir = tmp_path_factory.mktemp("one_process")
-    train.run(load_config(config_path), str(workdir))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EFFLLM_CACHE", str(workdir.parent / "one_process_cache"))
+        train.run(load_config(config_path), str(workdir))
     return losses(workdir)
 
 
 def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(config_path, uninterrupted,
-                                                                     tmp_path):
+                                                                     tmp_path, monkeypatch):
     run = tmp_path / "two_processes"
     (main, main_out, main_err), (other, other_out, other_err) = finish(
         launch(config_path, [run, run], tmp_path), timeout=240)
@@ -103,6 +116,11 @@ def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(config_path
     assert [line for line in other_out.splitlines() if not line.startswith("[Gloo]")] == []
     steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [6, 12]
+    # Process 0 trained the tokenizer and stored it in the run; process 1 read that copy.
+    trained = list((tmp_path / "cache0" / "tokenizers").glob("*.model"))
+    assert len(trained) == 1 and trained[0].read_bytes() == (run / "tokenizer.model").read_bytes()
+    assert not list((tmp_path / "cache1").glob("tokenizers/*.model"))
+    assert list((tmp_path / "cache1").glob("tokens/*"))  # its token cache is its own
     two = losses(run)
     assert sorted(two) == list(range(1, 13)) == sorted(uninterrupted)
     for step in two:
@@ -113,6 +131,7 @@ def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(config_path
     shutil.copytree(run, resumed)
     shutil.rmtree(resumed / "checkpoints" / "12")
     (resumed / "metrics.jsonl").unlink()
+    monkeypatch.setenv("EFFLLM_CACHE", str(tmp_path / "cache_resume"))
     train.run(load_config(config_path), str(resumed))
     again = losses(resumed)
     assert sorted(again) == list(range(7, 13))
@@ -152,13 +171,6 @@ def test_multi_host_settings_from_flags_environment_or_tpu_auto_detection():
 
 
 # ------------------------------------------------------------------ one tokenizer for every host
-@pytest.fixture(scope="module")
-def novels() -> list[str]:
-    """Real text: the start of three Austen novels (the persistent corpus cache)."""
-    docs = {d.name: d.text for d in corpora.load_corpus("austen", fetch.cache_root())}
-    return [docs[f"austen/{n}"][:150_000] for n in ("emma", "mansfieldpark", "sensesensibility")]
-
-
 def test_the_tokenizer_is_the_same_whatever_the_thread_count(novels, monkeypatch):
     models = set()
     for threads in (1, 2, 4):
