@@ -68,8 +68,7 @@ def read_text(path: PathLike) -> str:
 def write_bytes(path: PathLike, data: bytes) -> None:
     """Writes `data` to `path` so that readers never see a partial file (parents are created)."""
     p = run_path(path)
-    if is_remote(p):  # an object appears whole when its upload completes
-        p.parent.mkdir(parents=True, exist_ok=True)
+    if is_remote(p):  # no folders to create; an object appears whole when its upload completes
         p.write_bytes(data)
         return
     os.makedirs(p.parent, exist_ok=True)
@@ -187,7 +186,7 @@ class _BufferedEventFileFactory:
         return _BufferedEventFile(path)
 
     def directory_check(self, path: str) -> None:
-        run_path(path).mkdir(parents=True, exist_ok=True)
+        """Object stores have no folders to create."""
 
 
 def summary_writer(logdir: PathLike) -> Any:

@@ -35,7 +35,8 @@ class FakeGCS(DirFileSystem):
     root = ""
 
     def __init__(self, *args, **storage_options):  # epath passes gcsfs options; none apply
-        super().__init__(path=FakeGCS.root, fs=LocalFileSystem())
+        # auto_mkdir: like an object store, writing a key needs no folder made first
+        super().__init__(path=FakeGCS.root, fs=LocalFileSystem(auto_mkdir=True))
 
 
 @pytest.fixture
