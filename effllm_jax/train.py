@@ -123,8 +123,10 @@ class MetricWriter:
     METRICS_FILE = "metrics.jsonl"
     FLUSH_S = 60.0
 
-    def __init__(self, workdir: str, total: int, start: int, enabled: bool):
+    def __init__(self, workdir: str, total: int, start: int, enabled: bool,
+                 tokens_per_step: int = 0):
         self.enabled = enabled
+        self.tokens_per_step = tokens_per_step
         self.bar = self.tb = None
         self.lines: list[str] = []
         if enabled:
@@ -143,7 +145,8 @@ class MetricWriter:
             return
         for name, value in scalars.items():
             self.tb.add_scalar(name, value, step)
-        self.lines.append(json.dumps({"step": step, **scalars}, default=float))
+        self.lines.append(json.dumps({"step": step, "tokens": step * self.tokens_per_step,
+                                      **scalars}, default=float))
         if time.monotonic() - self.flushed > self.FLUSH_S:
             self.flush()
         if quiet:
@@ -227,7 +230,7 @@ def run(config, workdir: str) -> tuple[ts.TrainState, ArchSpec]:
         return ArchSpec.from_masks(jax.device_get(state.masks), cfg, step,
                                    step * t.global_batch * t.seq_len)
 
-    writer = MetricWriter(workdir, t.steps, start, is_main)
+    writer = MetricWriter(workdir, t.steps, start, is_main, t.global_batch * t.seq_len)
 
     def save(state, step):
         ckpt.save(step, state, arch_spec(state, step), {"step": step, "seed": t.seed,
@@ -312,6 +315,12 @@ def main(argv) -> None:
         print("\nArchitecture found by pruning-aware pretraining:")
         print(spec.summary())
         print(f"checkpoints: {paths.join(f.workdir, 'checkpoints')}")
+        from effllm_jax import plot  # late: matplotlib is only needed here
+        try:
+            written = plot.plot_run(f.workdir, spec=spec.to_json())
+            print(f"plots: {os.path.dirname(written[0])}")
+        except Exception as e:  # a plot must never fail a finished run
+            print(f"warning: plots not written: {e}", file=sys.stderr)
 
 
 def cli() -> None:
