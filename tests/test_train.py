@@ -130,6 +130,7 @@ def test_run_resumes_exactly_after_a_crash(tmp_path):
     """A run killed after its step-6 checkpoint and restarted ends bit-identical."""
     config = make_tiny_config(steps=8, checkpoint_every=4)
     config.mesh.shape = (4, 2, 1)
+    config.prune.prune_steps = 6  # the last event (step 8) within train.steps
     full_state, full_spec = train.run(config, str(tmp_path / "full"))
     crashed = tmp_path / "crashed"
     train.run(config, str(crashed))
