@@ -78,7 +78,8 @@ def test_param_masks_and_group_sizes_follow_the_same_ownership():
     masks = {"hidden": rng.random(12) < 0.7, "heads": rng.random((2, 4)) < 0.6,
              "ffn": rng.random((2, 10)) < 0.5}
     masks["heads"][1, :2] = False  # a dead KV group
-    kv = groups.kv_alive(masks["heads"], CFG)
+    g = CFG.group_size  # KV head k is read by query heads k*g .. k*g+g-1
+    kv = np.array([[masks["heads"][l, k * g:(k + 1) * g].any() for k in range(2)] for l in range(2)])
     alive_of = {"hidden": lambda d: masks["hidden"][d], "heads": lambda l, h: masks["heads"][l, h],
                 "kv_heads": lambda l, k: kv[l, k], "ffn": lambda l, f: masks["ffn"][l, f]}
     pmask = groups.param_masks(masks, CFG)
