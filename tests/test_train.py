@@ -10,6 +10,7 @@ import pytest
 from conftest import make_tiny_config
 
 from effllm_jax import checkpoint as ckpt_lib
+from effllm_jax import config as config_lib
 from effllm_jax import sharding, train
 from effllm_jax.arch import ArchSpec
 from effllm_jax.data import build_dataset
@@ -196,3 +197,25 @@ def test_corrupt_checkpoint_gets_a_clear_error_and_nothing_is_deleted(runs, tmp_
         ckpt.restore_state(ckpt_lib.abstract_with_shardings(abstract, trainer.state_shardings))
     ckpt.close()
     assert {p: p.read_bytes() for p in files} == before
+
+
+def test_second_order_criterion_and_every_group_type_prune_inside_one_compilation():
+    config = make_tiny_config(steps=10)
+    config.prune.update(criterion="taylor_fisher",
+                        group_types=("heads", "kv_groups", "ffn", "mlp_blocks", "hidden"))
+    config_lib.validate(config, jax.device_count())
+    trainer = train.build_trainer(config, sharding.make_mesh((1, 2, 4)))
+    state, history = run_steps(trainer, config, 10)
+    assert trainer.step._cache_size() == 1
+    # Σg is params-shaped and sharded like the params; the masks moved at every event
+    wq_sum = state.saliency["grad_sum"]["layers"]["attn"]["wq"]
+    assert wq_sum.sharding == state.params["layers"]["attn"]["wq"].sharding
+    live = [float(m["live_params"]) for m in history if m["pruning_event"]]
+    assert len(live) == 4 and all(a > b for a, b in zip(live, live[1:]))
+    schedule, cfg = trainer.step_cfg.schedule, trainer.step_cfg.model
+    bound = max_group_cost(llama.full_masks(cfg), cfg, trainer.step_cfg.select)
+    assert schedule.target_params - bound < live[-1] <= schedule.target_params
+    host = jax.device_get(state)
+    spec = ArchSpec.from_masks(host.masks, cfg, 10, 10, host.history)
+    assert {e.type for e in spec.events} <= set(config.prune.group_types)
+    assert len(spec.events) == sum(int((~np.asarray(m)).sum()) for m in host.masks.values())

@@ -28,7 +28,6 @@ left. The final count is thus <= budget and within one group (bundle, slice) of 
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
