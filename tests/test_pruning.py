@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from effllm_jax.model import llama
-from effllm_jax.pruning import groups, saliency
+from effllm_jax.pruning import groups
 from effllm_jax.pruning.schedule import PruneSchedule
 from effllm_jax.pruning.select import SelectConfig, max_group_cost, select
 

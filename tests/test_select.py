@@ -1,6 +1,5 @@
 """The pruning event's selection: the budget always holds, floors and uniform shapes are kept,
 every group type stays exact (masked == sliced), and bad prune settings are refused."""
-import dataclasses
 import itertools
 
 import jax
