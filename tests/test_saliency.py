@@ -140,6 +140,16 @@ def test_criteria_are_the_stated_formulas_and_accumulators():
                                        err_msg=criterion)
 
 
+def test_one_shot_group_saliency_is_a_window_of_one_gradient():
+    params, grads, fisher = distinct_tree(CFG, 0), distinct_tree(CFG, 5), distinct_tree(CFG, 9)
+    for criterion in saliency.CRITERIA:
+        window = saliency.accumulate(saliency.zeros(CFG, criterion), params, grads, criterion)
+        want = saliency.event_saliency(window, params, criterion, fisher)
+        got = saliency.group_saliency(params, grads, criterion, fisher)
+        for kind in saliency.GROUP_KEYS:
+            np.testing.assert_allclose(np.asarray(got[kind]), np.asarray(want[kind]), rtol=1e-6)
+
+
 def test_fisher_is_bias_corrected_adam_nu_times_sequences():
     tx = optax.adam(1e-2, b2=0.9)
     params = {"w": jnp.ones(3)}

@@ -117,3 +117,26 @@ def event_saliency(total: dict, params: dict, criterion: str, fisher: dict | Non
     scores = jax.tree.map(lambda w, g, f: per_weight(criterion, w, g, f), params,
                           leaves(mean_grad), leaves(fisher), is_leaf=lambda x: x is None)
     return group_sums(scores)
+
+
+def group_saliency(params: dict, grads: dict, criterion: str, fisher: dict | None = None) -> dict:
+    """One-shot group saliency from one gradient (e.g. calibration batches already summed):
+    the window is that single gradient; `fisher` defaults to its square (empirical Fisher)."""
+    if fisher is None and criterion in ("fisher", "taylor_fisher"):
+        fisher = jax.tree.map(lambda g: jnp.square(g.astype(jnp.float32)), grads)
+    total = accumulate(zeros_like_params(params, criterion), params, grads, criterion)
+    return dict(event_saliency(total, params, criterion, fisher), steps=total["steps"])
+
+
+def zeros_like_params(params: dict, criterion: str) -> dict:
+    """An empty accumulator shaped from a params tree (no ModelConfig needed)."""
+    attn, mlp = params["layers"]["attn"], params["layers"]["mlp"]
+    layers, heads, kv_heads = attn["wq"].shape[0], attn["wq"].shape[2], attn["wk"].shape[2]
+    out = {"heads": jnp.zeros((layers, heads), jnp.float32),
+           "kv_heads": jnp.zeros((layers, kv_heads), jnp.float32),
+           "ffn": jnp.zeros((mlp["w_up"].shape[0], mlp["w_up"].shape[2]), jnp.float32),
+           "hidden": jnp.zeros(params["embed"].shape[1:], jnp.float32),
+           "steps": jnp.zeros((), jnp.float32)}
+    if criterion in NEEDS_GRAD_SUM:
+        out["grad_sum"] = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params)
+    return out
