@@ -3,8 +3,9 @@
 One step: loss and gradients of the masked model -> gradients of pruned weights zeroed ->
 saliency accumulated (inside the pruning window) -> AdamW update -> on event steps, the
 pruning event (select.py) shrinks the masks, records what went (history.py), zeroes the
-removed weights and their Adam moments, and resets the saliency. Masks are tiny arrays of static shape, so events never
-recompile: the event is a `lax.cond` branch compiled once with the step.
+removed weights and their Adam moments, and resets the saliency. Masks are tiny arrays of
+static shape, so events never recompile: the event is a `lax.cond` branch compiled once with
+the step.
 """
 from __future__ import annotations
 
@@ -108,6 +109,9 @@ def _adam_fisher(opt_state: Any, cfg: StepConfig, sequences: int) -> dict:
     """The diagonal Fisher estimate (saliency.adam_fisher) from Adam's state."""
     adam = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(
         x, optax.ScaleByAdamState)) if isinstance(s, optax.ScaleByAdamState)]
+    if not adam:
+        raise ValueError(f"prune.criterion={cfg.criterion!r} reads its Fisher estimate from "
+                         f"Adam's second moment, but the optimizer has no Adam state")
     return saliency.adam_fisher(adam[0].nu, adam[0].count, cfg.adam_b2, float(sequences))
 
 
