@@ -7,7 +7,10 @@ import pytest
 from effllm_jax.model import llama
 from effllm_jax.pruning import groups
 from effllm_jax.pruning.schedule import PruneSchedule
-from effllm_jax.pruning.select import SelectConfig, max_group_cost, select
+from effllm_jax.pruning.select import SelectConfig, max_group_cost
+from effllm_jax.pruning.select import select as select_eager
+
+select = jax.jit(select_eager, static_argnums=(2, 4))  # one compile per (model, SelectConfig)
 
 CFG = llama.ModelConfig(vocab_size=64, d_model=16, num_layers=3, num_heads=4, num_kv_heads=2,
                         head_dim=4, ffn_dim=12)
