@@ -40,7 +40,8 @@ def _step_config(config) -> ts.StepConfig:
                              target_params=config_lib.target_params(config),
                              warmup_steps=int(p.warmup_steps), prune_steps=int(p.prune_steps),
                              every=int(p.every))
-    return ts.StepConfig(cfg, schedule, config_lib.select_config(config), p.criterion)
+    return ts.StepConfig(cfg, schedule, config_lib.select_config(config), p.criterion,
+                         adam_b2=float(config.optim.b2))
 
 
 @dataclasses.dataclass
@@ -228,7 +229,8 @@ def run(config, workdir: str) -> tuple[ts.TrainState, ArchSpec]:
 
     def arch_spec(state, step) -> ArchSpec:
         return ArchSpec.from_masks(jax.device_get(state.masks), cfg, step,
-                                   step * t.global_batch * t.seq_len)
+                                   step * t.global_batch * t.seq_len,
+                                   jax.device_get(state.history))
 
     writer = MetricWriter(workdir, t.steps, start, is_main, t.global_batch * t.seq_len)
 
