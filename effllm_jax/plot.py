@@ -24,12 +24,9 @@ import numpy as np
 from effllm_jax import paths
 from effllm_jax.model.llama import ModelConfig
 from effllm_jax.pruning import groups
+from effllm_jax.pruning.select import TYPE_UNIT, UNITS
 
 METRICS_FILE = "metrics.jsonl"
-UNITS = ("heads", "ffn", "hidden")
-# The mask whose units each group type removes (pruning/select.py GROUP_TYPES).
-UNIT_OF_TYPE = {"heads": "heads", "kv_groups": "heads", "attn_blocks": "heads",
-                "ffn": "ffn", "mlp_blocks": "ffn", "hidden": "hidden"}
 
 
 def read_metrics(workdir: str) -> list[dict]:
@@ -77,7 +74,7 @@ def evolution(spec: dict) -> dict[str, Any]:
     for step in sorted(set(steps.tolist())):
         at = np.flatnonzero(steps == step)
         for i in at:
-            unit = UNIT_OF_TYPE[events["type"][i]]
+            unit = TYPE_UNIT[events["type"][i]]
             index = events["index"][i]
             if unit == "hidden":
                 masks["hidden"][index] = False
@@ -104,12 +101,12 @@ def _figure():
     return plt
 
 
-def plot_evolution(spec: dict, out_dir: str, title: str = "") -> list[str]:
-    """pruned_ratio.png, saliency.png and widths.png from one spec; returns the paths."""
+def evolution_figures(spec: dict, title: str = "") -> dict[str, Any]:
+    """{file name: matplotlib figure} of the pruned ratio, saliency and per-layer widths."""
     plt = _figure()
     ev = evolution(spec)
     tokens = np.asarray(ev["tokens"], float)
-    paths = []
+    figures = {}
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for u in UNITS:
@@ -117,7 +114,7 @@ def plot_evolution(spec: dict, out_dir: str, title: str = "") -> list[str]:
     ax.step(tokens, ev["params"], where="post", label="parameters pruned", color="k", ls="--")
     ax.set(xlabel="tokens", ylabel="pruned ratio", ylim=(0, 1), title=title or "pruned ratio")
     ax.legend()
-    paths.append(_save(fig, out_dir, "pruned_ratio.png"))
+    figures["pruned_ratio.png"] = fig
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for kind, points in ev["saliency"].items():
@@ -127,7 +124,7 @@ def plot_evolution(spec: dict, out_dir: str, title: str = "") -> list[str]:
            title=title or "saliency at pruning events")
     if ev["saliency"]:
         ax.legend()
-    paths.append(_save(fig, out_dir, "saliency.png"))
+    figures["saliency.png"] = fig
 
     cfg = ev["cfg"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -138,12 +135,12 @@ def plot_evolution(spec: dict, out_dir: str, title: str = "") -> list[str]:
         ax.set(xlabel="event (0 = dense)", ylabel="layer",
                title=f"kept {'heads' if name == 'heads' else 'FFN width'} of {full}")
         fig.colorbar(image, ax=ax)
-    paths.append(_save(fig, out_dir, "widths.png"))
-    return paths
+    figures["widths.png"] = fig
+    return figures
 
 
-def plot_losses(runs: dict[str, list[dict]], out_dir: str) -> str:
-    """loss.png: training (solid) and held-out (dashed, dots) loss of every run against tokens."""
+def loss_figure(runs: dict[str, list[dict]]) -> Any:
+    """Training (solid) and held-out (dashed, dots) loss of every run against tokens."""
     plt = _figure()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -158,7 +155,7 @@ def plot_losses(runs: dict[str, list[dict]], out_dir: str) -> str:
     ax.set(xlabel="tokens", ylabel="loss (nats/token)", title="loss")
     if runs:
         ax.legend(fontsize="small")
-    return _save(fig, out_dir, "loss.png")
+    return fig
 
 
 def _save(fig, out_dir: str, name: str) -> str:
@@ -180,10 +177,9 @@ def plot_run(workdir: str, compare: tuple[str, ...] = (), out_dir: str | None = 
     """Every plot of the run in `workdir` (losses of the `compare` runs on the same figure)."""
     out_dir = out_dir or str(paths.join(workdir, "plots"))
     spec = read_spec(workdir) if spec is None else spec
-    written = plot_evolution(spec, out_dir, title=_name(workdir))
-    runs = {_name(w): read_metrics(w) for w in (workdir, *compare)}
-    written.append(plot_losses(runs, out_dir))
-    return written
+    figures = evolution_figures(spec, title=_name(workdir))
+    figures["loss.png"] = loss_figure({_name(w): read_metrics(w) for w in (workdir, *compare)})
+    return [_save(fig, out_dir, name) for name, fig in figures.items()]
 
 
 def _name(workdir: str) -> str:
@@ -202,12 +198,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: run directory {w} does not exist", file=sys.stderr)
             return 2
     try:
-        paths = plot_run(args.workdir, tuple(args.compare), args.out)
+        written = plot_run(args.workdir, tuple(args.compare), args.out)
     except (OSError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for p in paths:
-        print(p)
+    print("\n".join(written))
     return 0
 
 
