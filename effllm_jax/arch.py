@@ -2,7 +2,8 @@
 
 The spec is derived from the masks (host side) and carries what a reader needs without the
 weights: per-layer kept heads (and how they share KV heads), FFN widths, hidden width, live
-and dense parameter counts, progress, and the pruned ratio of each group type.
+and dense parameter counts, progress, the pruned ratio of each group type, and the run's
+phases (phases.py), so a reader can tell which phase a checkpoint is in.
 """
 from __future__ import annotations
 
@@ -38,6 +39,15 @@ class LayerSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class PhaseSpan:
+    """One phase of a run ('pruning' | 'continued') and its 1-based, inclusive step range."""
+
+    name: str
+    first_step: int
+    last_step: int
+
+
+@dataclasses.dataclass(frozen=True)
 class ArchSpec:
     """Architecture of a (possibly pruned) model plus the run's progress when it was taken."""
 
@@ -48,10 +58,11 @@ class ArchSpec:
     dense_params: int
     step: int = 0
     tokens_seen: int = 0
+    phases: tuple[PhaseSpan, ...] = ()  # the run's phases; empty when not from a run
 
     @classmethod
     def from_masks(cls, masks: Masks, cfg: ModelConfig, step: int = 0,
-                   tokens_seen: int = 0) -> "ArchSpec":
+                   tokens_seen: int = 0, phases: tuple[PhaseSpan, ...] = ()) -> "ArchSpec":
         """Reads a (host or device) set of masks into a spec."""
         masks = {k: np.asarray(v, bool) for k, v in masks.items()}
         heads = masks["heads"].reshape(cfg.num_layers, cfg.num_kv_heads, cfg.group_size)
@@ -62,11 +73,22 @@ class ArchSpec:
         return cls(model=dataclasses.asdict(cfg), hidden_dim=int(masks["hidden"].sum()),
                    layers=layers, live_params=int(round(float(groups.count_params(masks, cfg)))),
                    dense_params=groups.dense_params(cfg), step=int(step),
-                   tokens_seen=int(tokens_seen))
+                   tokens_seen=int(tokens_seen), phases=tuple(phases))
 
     @property
     def model_config(self) -> ModelConfig:
         return ModelConfig(**self.model)
+
+    @property
+    def phase(self) -> str:
+        """The phase `step` belongs to ('' when the spec records no phases)."""
+        current = [p.name for p in self.phases if p.first_step <= max(self.step, 1)]
+        return current[-1] if current else ""
+
+    @property
+    def total_steps(self) -> int:
+        """The run's planned length: the last step of its last phase (0 when unknown)."""
+        return self.phases[-1].last_step if self.phases else 0
 
     @property
     def uniform(self) -> bool:
@@ -102,11 +124,12 @@ class ArchSpec:
         out = dataclasses.asdict(self)
         out["layers"] = [{"q_per_kv": list(l.q_per_kv), "ffn_dim": l.ffn_dim} for l in self.layers]
         out["pruned_ratio"] = self.pruned_ratio()
+        out["phase"] = self.phase
         return out
 
     def shape_key(self) -> str:
         """A string naming the architecture alone (not the run's progress): a cache key."""
-        return json.dumps(dataclasses.replace(self, step=0, tokens_seen=0).to_json(),
+        return json.dumps(dataclasses.replace(self, step=0, tokens_seen=0, phases=()).to_json(),
                           sort_keys=True)
 
     @classmethod
@@ -120,7 +143,10 @@ class ArchSpec:
             spec = cls(model=dict(data["model"]), hidden_dim=int(data["hidden_dim"]),
                        layers=layers, live_params=int(data["live_params"]),
                        dense_params=int(data["dense_params"]), step=int(data.get("step", 0)),
-                       tokens_seen=int(data.get("tokens_seen", 0)))
+                       tokens_seen=int(data.get("tokens_seen", 0)),
+                       phases=tuple(PhaseSpan(str(p["name"]), int(p["first_step"]),
+                                              int(p["last_step"]))
+                                    for p in data.get("phases", ())))
             cfg = spec.model_config
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"malformed architecture spec: {e!r}") from e
