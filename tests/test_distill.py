@@ -1,4 +1,5 @@
 """Knowledge distillation: the loss against numpy, the teacher slot inside the step, teachers by path."""
+import functools
 import shutil
 
 import jax
@@ -14,7 +15,7 @@ from effllm_jax.arch import ArchSpec
 from effllm_jax.data import build_dataset
 from effllm_jax.export import export_model, load_language_model
 from effllm_jax.model import llama
-from effllm_jax.model.compact import slice_params
+from effllm_jax.model.compact import abstract_compact_params
 from effllm_jax.train_step import cross_entropy
 
 
@@ -153,10 +154,19 @@ def test_teacher_is_the_source_entering_the_first_event_and_stays_frozen(source_
     assert trainer.step._cache_size() == 1  # copy, events and both phases: one compilation
 
 
-def test_distilled_run_resumes_bit_identically_after_the_first_event(source_run, tmp_path):
+@pytest.fixture(scope="module")
+def source_run_dir(source_run, tmp_path_factory):
+    """The same run through train.run (same compiled step): a pruned, distilled run directory."""
+    workdir = tmp_path_factory.mktemp("source_run")
+    train.run(source_run[0], str(workdir))
+    return workdir
+
+
+def test_distilled_run_resumes_bit_identically_after_the_first_event(source_run, source_run_dir,
+                                                                     tmp_path):
     config, trainer, state, *_ = source_run
     workdir = tmp_path / "run"
-    train.run(config, str(workdir))
+    shutil.copytree(source_run_dir, workdir)
     for step in ("12", "16"):  # as if killed after the step-6 checkpoint (after the first event)
         shutil.rmtree(workdir / "checkpoints" / step)
     resumed, spec = train.run(config, str(workdir))
@@ -171,15 +181,8 @@ def test_distilled_run_resumes_bit_identically_after_the_first_event(source_run,
 
 # ------------------------------------------------------------------ a teacher from a path
 
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    """A pruned (non-uniform) tiny run directory that was itself distilled."""
-    workdir = tmp_path_factory.mktemp("teacher")
-    train.run(source_teacher_config(), str(workdir))
-    return str(workdir)
-
-
-def test_a_run_directory_teacher_of_another_shape_distils(teacher_dir, tmp_path):
+def test_a_run_directory_teacher_of_another_shape_distils(source_run_dir, tmp_path):
+    teacher_dir = str(source_run_dir)  # pruned unevenly, and itself distilled
     teacher_lm = load_language_model(teacher_dir)
     assert not teacher_lm.spec.uniform  # pruned unevenly: padding must be exact
     config = make_tiny_config(steps=4, eval_every=0, checkpoint_every=100)
@@ -192,8 +195,8 @@ def test_a_run_directory_teacher_of_another_shape_distils(teacher_dir, tmp_path)
     kd = trainer.step_cfg.distill
     assert kd.teacher_model.d_model == teacher_lm.spec.hidden_dim
     tokens = np.arange(32, dtype=np.int32).reshape(2, 16) % 128
-    padded = llama.apply(kd.teacher_model, state.teacher["params"], jnp.asarray(tokens),
-                         state.teacher["masks"])  # the slot after 4 frozen steps
+    padded = jax.jit(functools.partial(llama.apply, kd.teacher_model))(
+        state.teacher["params"], jnp.asarray(tokens), state.teacher["masks"])  # after 4 steps
     np.testing.assert_allclose(np.asarray(padded), np.asarray(teacher_lm.logits(tokens)),
                                atol=2e-5)
     assert state.teacher["params"]["embed"].sharding == trainer.state_shardings.teacher[
@@ -204,8 +207,9 @@ def test_a_run_directory_teacher_of_another_shape_distils(teacher_dir, tmp_path)
 def test_a_teacher_of_another_vocabulary_is_refused(tmp_path):
     other = llama.ModelConfig(vocab_size=64, d_model=16, num_layers=1, num_heads=2,
                               num_kv_heads=1, head_dim=8, ffn_dim=16)
-    masks = jax.tree.map(np.asarray, llama.full_masks(other))
-    spec, params = slice_params(llama.init_params(other, jax.random.key(0)), masks, other)
+    spec = ArchSpec.from_masks(llama.full_masks(other), other)
+    params = jax.tree.map(lambda a: np.full(a.shape, 0.01, np.float32),
+                          abstract_compact_params(spec))
     export_model(str(tmp_path / "export"), spec, params, "flax")
     config = make_tiny_config()
     config.distill.teacher = str(tmp_path / "export")
