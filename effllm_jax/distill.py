@@ -15,8 +15,8 @@ Teachers (`distill.teacher`):
                            fresh start as a masked dense model (uneven layers zero-padded, which
                            is exact), so the same `llama.apply` serves every teacher.
 Either way the teacher lives in the state's teacher slot {'params', 'masks'}, sharded by the
-same logical rules on the same mesh, and is checkpointed with the state: resume is exact and
-does not need the teacher's path again. Distillation applies in the steps of the phases named
+same logical rules on the same mesh, and is checkpointed with the state, so resume is exact
+(a resumed run reads only the teacher's architecture from its path, not its weights). Distillation applies in the steps of the phases named
 by `distill.phases` (phases.py), once the teacher exists.
 """
 from __future__ import annotations
@@ -255,7 +255,7 @@ def load_teacher(config: ml_collections.ConfigDict, student: ModelConfig,
         return None
     from effllm_jax.export import load_language_model
 
-    spec = teacher_spec(path, student)
+    teacher_spec(path, student)  # the vocabulary, before reading any weight
     lm = load_language_model(path)
     theirs = lm.tokenizer
     if tokenizer is not None and theirs is not None and (
@@ -264,8 +264,6 @@ def load_teacher(config: ml_collections.ConfigDict, student: ModelConfig,
                          f"({theirs.vocab_size} vs {tokenizer.vocab_size} tokens, or the same "
                          f"ids spell other strings); a teacher must share the student's "
                          f"vocabulary")
-    if lm.spec.shape_key() != dataclasses.replace(spec, phases=()).shape_key():
-        raise ValueError(f"distill.teacher={path} changed while the run started")
     params, masks = padded_params(lm.spec, lm.params, padded_config(lm.spec, student))
     return {"params": params, "masks": masks}
 
