@@ -15,7 +15,7 @@ from effllm_jax.arch import ArchSpec
 from effllm_jax.data import build_dataset
 from effllm_jax.export import export_model, load_language_model
 from effllm_jax.model import llama
-from effllm_jax.model.compact import abstract_compact_params
+from effllm_jax.model.compact import abstract_compact_params, apply_compact, slice_params
 from effllm_jax.train_step import cross_entropy
 
 
@@ -202,6 +202,27 @@ def test_a_run_directory_teacher_of_another_shape_distils(source_run_dir, tmp_pa
     assert state.teacher["params"]["embed"].sharding == trainer.state_shardings.teacher[
         "params"]["embed"]
     assert trainer.step._cache_size() == 1
+
+
+def test_padding_a_compact_teacher_into_a_dense_one_is_exact():
+    cfg = llama.ModelConfig(vocab_size=32, d_model=16, num_layers=2, num_heads=6,
+                            num_kv_heads=3, head_dim=4, ffn_dim=12)
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda a: rng.normal(0, 0.5, a.shape).astype(np.float32),
+                          llama.abstract_params(cfg))
+    hidden = np.ones(16, bool)
+    hidden[[1, 5, 6, 11]] = False
+    heads = np.array([[1, 1, 0, 0, 1, 0], [0, 0, 0, 1, 0, 0]], bool)  # uneven GQA; a dead KV head
+    ffn = np.zeros((2, 12), bool)
+    ffn[0, [0, 3, 4, 8, 9, 11]], ffn[1, [2, 7]] = True, True
+    spec, compact = slice_params(params, {"hidden": hidden, "heads": heads, "ffn": ffn}, cfg)
+    teacher_cfg = distill.padded_config(spec, cfg)
+    assert (teacher_cfg.d_model, teacher_cfg.num_kv_heads, teacher_cfg.num_heads,
+            teacher_cfg.ffn_dim) == (12, 2, 4, 6)
+    padded, masks = distill.padded_params(spec, compact, teacher_cfg)
+    tokens = jnp.asarray(rng.integers(0, 32, (2, 9)), jnp.int32)
+    np.testing.assert_allclose(np.asarray(llama.apply(teacher_cfg, padded, tokens, masks)),
+                               np.asarray(apply_compact(spec, compact, tokens)), atol=1e-5)
 
 
 def test_a_teacher_of_another_vocabulary_is_refused(tmp_path):
