@@ -2,9 +2,10 @@
 
 The spec is derived from the masks (host side) and carries what a reader needs without the
 weights: per-layer kept heads (and how they share KV heads), FFN widths, hidden width, live
-and dense parameter counts, progress, the pruned ratio of each group type, and every pruning
+and dense parameter counts, progress, the pruned ratio of each group type, every pruning
 event (step, tokens, group type, layer, index, normalised saliency of each removed unit), so
-the evolution of the architecture can be plotted from the JSON alone.
+the evolution of the architecture can be plotted from the JSON alone, and the run's phases
+(phases.py), so a reader can tell which phase a checkpoint is in.
 """
 from __future__ import annotations
 
@@ -55,6 +56,15 @@ class LayerSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class PhaseSpan:
+    """One phase of a run ('pruning' | 'continued') and its 1-based, inclusive step range."""
+
+    name: str
+    first_step: int
+    last_step: int
+
+
+@dataclasses.dataclass(frozen=True)
 class ArchSpec:
     """Architecture of a (possibly pruned) model plus the run's progress when it was taken."""
 
@@ -66,10 +76,12 @@ class ArchSpec:
     step: int = 0
     tokens_seen: int = 0
     events: tuple[PruneEvent, ...] = ()  # every unit removed so far, in event order
+    phases: tuple[PhaseSpan, ...] = ()  # the run's phases; empty when not from a run
 
     @classmethod
     def from_masks(cls, masks: Masks, cfg: ModelConfig, step: int = 0,
-                   tokens_seen: int = 0, history: dict | None = None) -> "ArchSpec":
+                   tokens_seen: int = 0, history: dict | None = None,
+                   phases: tuple[PhaseSpan, ...] = ()) -> "ArchSpec":
         """Reads a (host or device) set of masks (and the state's pruning history) into a spec."""
         tokens_per_step = tokens_seen / step if step else 0
         events = tuple(PruneEvent(s, int(round(s * tokens_per_step)), kind, layer, index, score)
@@ -84,11 +96,22 @@ class ArchSpec:
         return cls(model=dataclasses.asdict(cfg), hidden_dim=int(masks["hidden"].sum()),
                    layers=layers, live_params=int(round(float(groups.count_params(masks, cfg)))),
                    dense_params=groups.dense_params(cfg), step=int(step),
-                   tokens_seen=int(tokens_seen), events=events)
+                   tokens_seen=int(tokens_seen), events=events, phases=tuple(phases))
 
     @property
     def model_config(self) -> ModelConfig:
         return ModelConfig(**self.model)
+
+    @property
+    def phase(self) -> str:
+        """The phase `step` belongs to ('' when the spec records no phases)."""
+        current = [p.name for p in self.phases if p.first_step <= max(self.step, 1)]
+        return current[-1] if current else ""
+
+    @property
+    def total_steps(self) -> int:
+        """The run's planned length: the last step of its last phase (0 when unknown)."""
+        return self.phases[-1].last_step if self.phases else 0
 
     @property
     def uniform(self) -> bool:
@@ -126,11 +149,13 @@ class ArchSpec:
         out["pruned_ratio"] = self.pruned_ratio()
         # Columns (one list per field) keep a long history compact.
         out["events"] = {f: [getattr(e, f) for e in self.events] for f in EVENT_FIELDS}
+        out["phase"] = self.phase
         return out
 
     def shape_key(self) -> str:
         """A string naming the architecture alone (not the run's progress): a cache key."""
-        return json.dumps(dataclasses.replace(self, step=0, tokens_seen=0, events=()).to_json(),
+        return json.dumps(dataclasses.replace(self, step=0, tokens_seen=0, events=(),
+                                              phases=()).to_json(),
                           sort_keys=True)
 
     @classmethod
@@ -145,7 +170,10 @@ class ArchSpec:
                        layers=layers, live_params=int(data["live_params"]),
                        dense_params=int(data["dense_params"]), step=int(data.get("step", 0)),
                        tokens_seen=int(data.get("tokens_seen", 0)),
-                       events=_events_from_json(data.get("events")))
+                       events=_events_from_json(data.get("events")),
+                       phases=tuple(PhaseSpan(str(p["name"]), int(p["first_step"]),
+                                              int(p["last_step"]))
+                                    for p in data.get("phases", ())))
             cfg = spec.model_config
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"malformed architecture spec: {e!r}") from e

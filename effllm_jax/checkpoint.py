@@ -78,6 +78,12 @@ class Checkpointer:
                                   f"corrupt or does not match this model: {e}") from e
         return out["state"]
 
+    def saved_teacher(self, step: int) -> Any:
+        """Shapes of the distillation teacher saved in `step`'s state (None when there is none)."""
+        from effllm_jax import distill  # late: distill imports the model stack
+        state_dir = self.manager.directory / str(step) / "state"
+        return distill.saved_slot(ocp.StandardCheckpointHandler().metadata(state_dir))
+
     def wait(self) -> None:
         """Blocks until pending async saves are on disk."""
         self.manager.wait_until_finished()
@@ -138,6 +144,7 @@ def load_inference(workdir: str, step: int | None = None) -> InferenceCheckpoint
     tx, _ = ts.make_optimizer(config.optim, config.train.steps)
     cpu = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.eval_shape(lambda: ts.init_state(step_cfg, tx, jax.random.key(0)))
+    abstract = abstract.replace(teacher=ckpt.saved_teacher(step))  # a distilled run's teacher
     on_host = abstract_with_shardings(abstract, jax.tree.map(lambda _: cpu, abstract))
     state = ckpt.restore_state(on_host, step)
     ckpt.close()

@@ -12,7 +12,7 @@ import math
 import ml_collections
 
 from effllm_jax import data as data_lib
-from effllm_jax import sharding
+from effllm_jax import distill, phases, sharding
 from effllm_jax.model.llama import ModelConfig
 from effllm_jax.pruning import select
 from effllm_jax.pruning import validate as prune_validate
@@ -44,6 +44,20 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim = ml_collections.ConfigDict(dict(
         lr=3e-3, min_lr_ratio=0.1, warmup_steps=50, weight_decay=0.1, b1=0.9, b2=0.95,
         eps=1e-8, grad_clip=1.0))
+    c.continued = ml_collections.ConfigDict(dict(  # continued pretraining (phases.py)
+        steps=0,  # steps after train.steps at the final architecture (0: none)
+        lr=0.0,  # peak learning rate of the phase (0: optim.lr)
+        warmup_steps=20,  # re-warm from the pruning phase's final rate to lr
+        schedule="cosine",  # cosine | wsd (warmup-stable-decay)
+        decay_fraction=0.2,  # wsd: the final fraction of the phase that decays linearly
+        min_lr_ratio=0.1,  # the rate ends at lr * min_lr_ratio
+    ))
+    c.distill = ml_collections.ConfigDict(dict(  # knowledge distillation (distill.py)
+        teacher="",  # '' (off) | 'source_at_first_event' | a run dir, export or .gguf path
+        alpha=0.5,  # loss = alpha * CE + (1 - alpha) * T^2 * KL(teacher || student)
+        temperature=1.0,
+        phases=("pruning", "continued"),  # the phases that distil
+    ))
     c.train = ml_collections.ConfigDict(dict(
         steps=400, global_batch=16, seq_len=128, seed=0, log_every=10,
         checkpoint_every=100, keep_checkpoints=3, peak_flops_per_device=0.0,
@@ -90,9 +104,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     if m.remat not in ("none", "full", "dots"):
         raise ValueError(f"model.remat={m.remat!r}; expected 'none', 'full' or 'dots'")
     t = config.train
-    prune_validate.validate_prune(config.prune, model_config(config), int(t.steps))
+    cfg = model_config(config)
+    prune_validate.validate_prune(config.prune, cfg, int(t.steps))
     if t.steps < 1 or t.global_batch < 1 or t.seq_len < 2:
         raise ValueError("train.steps, train.global_batch must be >= 1 and train.seq_len >= 2")
+    phases.validate_config(config)
+    distill.validate_config(config, cfg)
     if t.eval_tasks_every:
         if not t.eval_tasks:
             raise ValueError(f"train.eval_tasks_every={t.eval_tasks_every} but train.eval_tasks "

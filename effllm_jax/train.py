@@ -23,7 +23,8 @@ import numpy as np
 from effllm_jax import checkpoint as ckpt_lib
 from effllm_jax import config as config_lib
 from effllm_jax import data as data_lib
-from effllm_jax import distributed, mfu, paths, sharding
+from effllm_jax import distill, distributed, mfu, paths, sharding
+from effllm_jax import phases as phases_lib
 from effllm_jax import train_step as ts
 from effllm_jax.arch import ArchSpec
 from effllm_jax.pruning import groups
@@ -41,7 +42,8 @@ def _step_config(config) -> ts.StepConfig:
                              warmup_steps=int(p.warmup_steps), prune_steps=int(p.prune_steps),
                              every=int(p.every))
     return ts.StepConfig(cfg, schedule, config_lib.select_config(config), p.criterion,
-                         adam_b2=float(config.optim.b2))
+                         adam_b2=float(config.optim.b2),
+                         distill=distill.step_config(config, cfg))
 
 
 @dataclasses.dataclass
@@ -76,7 +78,8 @@ def build_trainer(config, mesh=None) -> Trainer:
     step_cfg = _step_config(config)
     mesh = sharding.make_mesh(config.mesh.shape) if mesh is None else mesh
     rules = tuple((k, v) for k, v in config.mesh.rules)
-    tx, lr_schedule = ts.make_optimizer(config.optim, config.train.steps)
+    tx, lr_schedule = ts.make_optimizer(config.optim, config.train.steps,
+                                        phases_lib.lr_schedule(config))
     state_sh = ts.state_shardings(step_cfg, tx, mesh, rules)
     init = jax.jit(functools.partial(ts.init_state, step_cfg, tx), out_shardings=state_sh)
     step = jax.jit(functools.partial(ts.train_step, cfg=step_cfg, tx=tx),
@@ -186,6 +189,7 @@ def run(config, workdir: str) -> tuple[ts.TrainState, ArchSpec]:
     # ---------------------------------------------------------------- config
     config_lib.validate(config, jax.device_count())
     cfg, t = config_lib.model_config(config), config.train
+    total_steps = phases_lib.total_steps(config)  # pruning phase + continued pretraining
     is_main = jax.process_index() == 0
     paths.check_access(workdir)  # a gs:// workdir without client or credentials: say so now
     distributed.check_shared_run_dir(workdir)  # per-host local folders would hang in Orbax
@@ -222,7 +226,8 @@ def run(config, workdir: str) -> tuple[ts.TrainState, ArchSpec]:
         state = ckpt.restore_state(ckpt_lib.abstract_with_shardings(abstract, state_sh), step)
         start = step
     else:
-        state = trainer.init(jax.random.key(t.seed))
+        teacher = distill.load_teacher(config, cfg, dataset.tokenizer)  # a path teacher, or None
+        state = distill.install(trainer.init(jax.random.key(t.seed)), teacher, state_sh)
         start = 0
     if is_main:
         ckpt_lib.save_run_config(workdir, config)
@@ -230,9 +235,9 @@ def run(config, workdir: str) -> tuple[ts.TrainState, ArchSpec]:
     def arch_spec(state, step) -> ArchSpec:
         return ArchSpec.from_masks(jax.device_get(state.masks), cfg, step,
                                    step * t.global_batch * t.seq_len,
-                                   jax.device_get(state.history))
+                                   jax.device_get(state.history), phases_lib.spans(config))
 
-    writer = MetricWriter(workdir, t.steps, start, is_main, t.global_batch * t.seq_len)
+    writer = MetricWriter(workdir, total_steps, start, is_main, t.global_batch * t.seq_len)
 
     def save(state, step):
         ckpt.save(step, state, arch_spec(state, step), {"step": step, "seed": t.seed,
@@ -256,6 +261,7 @@ def run(config, workdir: str) -> tuple[ts.TrainState, ArchSpec]:
                    "pruned_heads": 1.0 - float(m["kept_heads"]) / (cfg.num_layers * cfg.num_heads),
                    "pruned_ffn": 1.0 - float(m["kept_ffn"]) / (cfg.num_layers * cfg.ffn_dim),
                    "pruned_hidden": 1.0 - float(m["kept_hidden"]) / cfg.d_model}
+        scalars.update({k: float(v) for k, v in m.items() if k.startswith("distill_")})
         if peak:
             scalars["mfu"] = tok_s * dense_flops / (peak * jax.device_count())
         writer.write(step, scalars)
@@ -268,8 +274,10 @@ def run(config, workdir: str) -> tuple[ts.TrainState, ArchSpec]:
                  f"pruning events every {step_cfg.schedule.every} steps from step "
                  f"{step_cfg.schedule.event_steps()[0]} to {step_cfg.schedule.last_event}; "
                  f"mesh {dict(mesh.shape)}")
+    if phases_lib.describe(config):
+        writer.print(phases_lib.describe(config))
     pending = None
-    for step in range(start + 1, t.steps + 1):
+    for step in range(start + 1, total_steps + 1):
         local = dataset.local_batch(step - 1, jax.process_index(), jax.process_count())
         state, metrics = trainer.step(state, sharding.global_batch_array(local, mesh, rules))
         window["steps"] += 1
@@ -278,23 +286,23 @@ def run(config, workdir: str) -> tuple[ts.TrainState, ArchSpec]:
             log(*pending)
         pending = (step, metrics)
         writer.advance()
-        if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
+        if t.eval_every and (step % t.eval_every == 0 or step == total_steps):
             heldout = evaluate_heldout(trainer, state, dataset, t.eval_batches)
             if heldout is not None:
                 writer.write(step, {"eval_loss": heldout}, quiet=True)
                 writer.print(f"step {step}: held-out loss {heldout:.4f} "
                              f"(perplexity {np.exp(heldout):.1f})")
-        if t.eval_tasks_every and (step % t.eval_tasks_every == 0 or step == t.steps):
+        if t.eval_tasks_every and (step % t.eval_tasks_every == 0 or step == total_steps):
             scores = evaluate_zero_shot(config, state, dataset)
             writer.write(step, {f"zero_shot/{k}": v for k, v in scores.items()}, quiet=True)
             writer.print(f"step {step}: zero-shot " + ", ".join(
                 f"{k} {v:.1%}" for k, v in scores.items()))
-        if step % t.checkpoint_every == 0 and step != t.steps:
+        if step % t.checkpoint_every == 0 and step != total_steps:
             save(state, step)
     if pending is not None:
         log(*pending)
-    if start < t.steps:
-        save(state, t.steps)
+    if start < total_steps:
+        save(state, total_steps)
     ckpt.close()
     writer.close()
     spec = arch_spec(state, int(jax.device_get(state.step)))

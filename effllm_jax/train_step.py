@@ -5,7 +5,8 @@ saliency accumulated (inside the pruning window) -> AdamW update -> on event ste
 pruning event (select.py) shrinks the masks, records what went (history.py), zeroes the
 removed weights and their Adam moments, and resets the saliency. Masks are tiny arrays of
 static shape, so events never recompile: the event is a `lax.cond` branch compiled once with
-the step.
+the step. With distillation (distill.py) the loss mixes in a frozen teacher's logits; the
+learning rate follows the run's phases (phases.py).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from effllm_jax.model.llama import ModelConfig
 from effllm_jax.pruning import groups, history, saliency
 from effllm_jax.pruning.schedule import PruneSchedule
 from effllm_jax.pruning.select import SelectConfig, select_with_record
-from effllm_jax import sharding
+from effllm_jax import distill, phases, sharding
 from effllm_jax.losses import token_nll
 
 
@@ -37,6 +38,7 @@ class TrainState:
     masks: dict  # {'hidden': [D], 'heads': [L, H], 'ffn': [L, F]} bool
     saliency: dict  # group saliency summed since the last event (pruning/saliency.py)
     history: dict  # per unit: step, group type and score of its removal (pruning/history.py)
+    teacher: Any = None  # distillation's frozen teacher {'params', 'masks'} (distill.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,17 +50,17 @@ class StepConfig:
     select: SelectConfig
     criterion: str
     adam_b2: float = 0.95  # Adam's b2: bias correction of the Fisher estimate (saliency.py)
+    distill: distill.DistillConfig | None = None
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int):
-    """AdamW with warm-up + cosine decay and global-norm clipping; no decay on norm gains.
+def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int,
+                   lr: optax.Schedule | None = None):
+    """AdamW with global-norm clipping, no decay on norm gains, and the learning rate `lr`
+    (default: warm-up + cosine decay over `total_steps`; phases.lr_schedule for a run).
 
     Returns (optimizer, learning-rate schedule).
     """
-    lr = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=optim.lr, warmup_steps=max(int(optim.warmup_steps), 1),
-        decay_steps=max(int(total_steps), int(optim.warmup_steps) + 1),
-        end_value=optim.lr * optim.min_lr_ratio)
+    lr = phases.pruning_schedule(optim, total_steps) if lr is None else lr
 
     def decay_mask(params):
         return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key != "scale", params)
@@ -78,10 +80,11 @@ def mask_tree(tree: dict, param_masks: dict) -> dict:
 def init_state(cfg: StepConfig, tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
     """A fresh dense state (jit it with out_shardings to create it directly sharded)."""
     params = llama.init_params(cfg.model, key)
+    masks = llama.full_masks(cfg.model)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      masks=llama.full_masks(cfg.model),
-                      saliency=saliency.zeros(cfg.model, cfg.criterion),
-                      history=history.empty(cfg.model))
+                      masks=masks, saliency=saliency.zeros(cfg.model, cfg.criterion),
+                      history=history.empty(cfg.model),
+                      teacher=distill.init_slot(cfg.distill, params, masks))
 
 
 def state_shardings(cfg: StepConfig, tx: optax.GradientTransformation, mesh, rules) -> TrainState:
@@ -96,7 +99,8 @@ def state_shardings(cfg: StepConfig, tx: optax.GradientTransformation, mesh, rul
            for k, v in abstract.saliency.items()}
     return TrainState(step=rep, params=params, opt_state=opt_state,
                       masks=jax.tree.map(lambda _: rep, abstract.masks), saliency=sal,
-                      history=jax.tree.map(lambda _: rep, abstract.history))
+                      history=jax.tree.map(lambda _: rep, abstract.history),
+                      teacher=distill.slot_shardings(cfg.distill, abstract.teacher, mesh, rules))
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -137,14 +141,23 @@ def train_step(state: TrainState, batch: jax.Array, *, cfg: StepConfig,
                tx: optax.GradientTransformation) -> tuple[TrainState, dict]:
     """One update on a [B, T+1] token batch; returns the new state and scalar metrics."""
     inputs, targets = batch[:, :-1], batch[:, 1:]
+    step = state.step + 1
+    kd = cfg.distill
+    if kd is not None:
+        state = state.replace(teacher=distill.snapshot(state.teacher, state.params, state.masks,
+                                                       step, kd))
+        teacher_logits, distilling = distill.teacher_logits(state.teacher, inputs, step, kd)
 
     def loss_fn(params):
-        return cross_entropy(llama.apply(cfg.model, params, inputs, state.masks), targets)
+        logits = llama.apply(cfg.model, params, inputs, state.masks)
+        if kd is None:
+            return cross_entropy(logits, targets), {}
+        return distill.distill_loss(logits, teacher_logits, targets, kd.alpha, kd.temperature,
+                                    distilling)
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     # Exactly zero already (masked activations); explicit so moments of pruned weights stay 0.
     grads = mask_tree(grads, groups.param_masks(state.masks, cfg.model))
-    step = state.step + 1
     new_saliency = jax.lax.cond(
         cfg.schedule.collecting(step),
         lambda: saliency.accumulate(state.saliency, state.params, grads, cfg.criterion),
@@ -165,6 +178,9 @@ def train_step(state: TrainState, batch: jax.Array, *, cfg: StepConfig,
         "kept_ffn": counts["ffn"].sum(),
         "kept_hidden": counts["hidden"],
     }
+    if kd is not None:  # "loss" stays the cross-entropy; the objective is reported beside it
+        metrics.update(loss=parts["ce"], distill_objective=loss, distill_kl=parts["kl"],
+                       distill_active=distilling)
     return state, metrics
 
 
