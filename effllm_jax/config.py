@@ -14,7 +14,7 @@ import ml_collections
 from effllm_jax import data as data_lib
 from effllm_jax import sharding
 from effllm_jax.model.llama import ModelConfig
-from effllm_jax.pruning import groups, saliency, select
+from effllm_jax.pruning import compensate, groups, saliency, select
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -36,6 +36,9 @@ def base_config() -> ml_collections.ConfigDict:
         group_types=("heads", "ffn", "hidden"),
         rounds=3,
         round_to=1,  # FFN and hidden widths stay multiples of this (e.g. 8, 64, 128)
+        compensation="none",  # none | obs: OBS weight update at each event (pruning/compensate.py)
+        damping=0.01,  # OBS damping, relative to the mean diagonal of H
+        obs_block=0,  # OBS input second moments block-diagonal with this block (0: full H)
     ))
     c.optim = ml_collections.ConfigDict(dict(
         lr=3e-3, min_lr_ratio=0.1, warmup_steps=50, weight_decay=0.1, b1=0.9, b2=0.95,
@@ -65,6 +68,13 @@ def select_config(config: ml_collections.ConfigDict) -> select.SelectConfig:
     return select.SelectConfig(reduction=p.reduction, uniform_layers=bool(p.uniform_layers),
                                group_types=tuple(p.group_types), rounds=int(p.rounds),
                                round_to=int(p.round_to))
+
+
+def compensation_fields(config: ml_collections.ConfigDict) -> dict:
+    """The StepConfig fields of OBS compensation (defaults for runs saved before they existed)."""
+    p = config.prune
+    return {"compensation": str(p.get("compensation", "none")),
+            "damping": float(p.get("damping", 0.01)), "obs_block": int(p.get("obs_block", 0))}
 
 
 def target_params(config: ml_collections.ConfigDict) -> int:
@@ -111,6 +121,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         raise ValueError(f"prune.criterion={p.criterion!r}; expected one of {saliency.CRITERIA}")
     if p.reduction not in select.REDUCTIONS:
         raise ValueError(f"prune.reduction={p.reduction!r}; expected one of {select.REDUCTIONS}")
+    compensate.validate(p)
     unknown = set(p.group_types) - set(select.GROUP_TYPES)
     if unknown:
         raise ValueError(f"prune.group_types has unknown {sorted(unknown)}; "

@@ -37,7 +37,8 @@ def _step_config(config) -> ts.StepConfig:
                              target_params=config_lib.target_params(config),
                              warmup_steps=int(p.warmup_steps), prune_steps=int(p.prune_steps),
                              every=int(p.every))
-    return ts.StepConfig(cfg, schedule, config_lib.select_config(config), p.criterion)
+    return ts.StepConfig(cfg, schedule, config_lib.select_config(config), p.criterion,
+                         **config_lib.compensation_fields(config))
 
 
 @dataclasses.dataclass
