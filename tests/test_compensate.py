@@ -16,6 +16,10 @@ from effllm_jax.pruning import compensate, groups
 from effllm_jax.train_step import mask_tree
 
 
+_apply = jax.jit(llama.apply, static_argnums=0, static_argnames="stats_block")
+_compensate = jax.jit(compensate.compensate, static_argnames=("cfg", "damping"))
+
+
 def obs_reference(w, x, kept, removed, damping, block):
     """numpy float64: δW_K = −[H⁻¹]_KM ([H⁻¹]_MM)⁻¹ W_M with H = XᵀX (block-diagonal) + λI."""
     n = w.shape[0]
@@ -73,18 +77,18 @@ def test_each_group_type_is_compensated_from_its_own_statistics_and_stays_exact(
     dense model's than plain removal; the compensated masked model equals its sliced twin."""
     cfg, params, tokens = _model_and_stats(tie)
     old = llama.full_masks(cfg)
-    dense, stats = llama.apply(cfg, params, tokens, old, stats_block=0)
+    dense, stats = _apply(cfg, params, tokens, old, stats_block=0)
     assert set(stats) == {"attn_in", "o_in", "mlp_in", "down_in"} | (set() if tie else {"final_in"})
     rng = np.random.default_rng(3)
     new = dict(old)
     new[kind] = jnp.asarray(rng.random(old[kind].shape) < 0.6) & old[kind]
     if kind == "heads":
         new[kind] = new[kind].at[:, 0].set(True)
-    moved = compensate.compensate(params, old, new, stats, cfg, 0.01)
+    moved = _compensate(params, old, new, stats, cfg=cfg, damping=0.01)
     pmask = groups.param_masks(new, cfg)
-    plain_logits = llama.apply(cfg, mask_tree(params, pmask), tokens, new)
+    plain_logits = _apply(cfg, mask_tree(params, pmask), tokens, new)
     obs_params = mask_tree(moved, pmask)
-    obs_logits = llama.apply(cfg, obs_params, tokens, new)
+    obs_logits = _apply(cfg, obs_params, tokens, new)
     err_plain = float(jnp.linalg.norm(plain_logits - dense))
     err_obs = float(jnp.linalg.norm(obs_logits - dense))
     assert err_obs < 0.9 * err_plain, (kind, tie, err_obs, err_plain)
