@@ -9,7 +9,8 @@ import pytest
 
 from effllm_jax import checkpoint as ckpt_lib
 from effllm_jax import prune_posthoc, train
-from effllm_jax.export import export_model, export_run
+from effllm_jax.data import build_dataset
+from effllm_jax.export import export_model, export_run, import_hf
 from effllm_jax.model import llama
 from effllm_jax.model.compact import slice_params
 from effllm_jax.pruning import groups
@@ -70,18 +71,21 @@ def test_each_method_lands_within_one_group_of_its_target(pruned_runs):
                               masks[("wanda", "global", "none")])  # the methods differ
 
 
-def test_obs_compensation_lowers_the_pruned_models_loss(pruned_runs):
+def test_obs_compensation_keeps_the_pruned_model_closer_to_the_dense_one(source, pruned_runs):
     _, runs = pruned_runs
     config = ckpt_lib.load_run_config(runs[("wanda", "global", "obs")][0])
-    from effllm_jax.data import build_dataset
-    batch = jnp.asarray(build_dataset(config.data, seq_len=config.train.seq_len,
-                                      global_batch=8, seed=1).local_batch(0))
-    losses = {}
+    t = config.train
+    batch = jnp.asarray(build_dataset(config.data, seq_len=t.seq_len, global_batch=t.global_batch,
+                                      seed=t.seed).local_batch(0))  # a calibration batch
+    cfg, dense_params, full = import_hf(source)
+    dense = llama.apply(cfg, dense_params, batch[:, :-1], full)
+    errors = {}
     for comp in ("none", "obs"):
         ck = ckpt_lib.load_inference(runs[("wanda", "global", comp)][0])
-        logits = llama.apply(CFG, ck.params, batch[:, :-1], ck.masks)
-        losses[comp] = float(train.ts.cross_entropy(logits, batch[:, 1:]))
-    assert losses["obs"] < losses["none"], losses
+        errors[comp] = float(jnp.linalg.norm(llama.apply(CFG, ck.params, batch[:, :-1], ck.masks)
+                                             - dense))
+    # Measured: none 190.0, obs 184.3 (random model, uniform tokens: little to recover).
+    assert errors["obs"] < errors["none"] - 1.0, errors
 
 
 def test_written_run_exports_to_transformers_and_train_continues_it(pruned_runs, tmp_path):
