@@ -15,9 +15,11 @@ import time
 
 import jax
 
-from effllm_jax import config as config_lib, sharding, train, train_step as ts
+from effllm_jax import config as config_lib, mfu, sharding, train, train_step as ts
+from effllm_jax.arch import ArchSpec
 from effllm_jax.data import SyntheticDataset
-from effllm_jax.pruning import groups
+from effllm_jax.model import llama
+from effllm_jax.pruning import compensate, groups
 
 try:
     from train_step import load_config  # run as a script from bench/
@@ -45,6 +47,15 @@ def _time_steps(config, steps: int, rounds: int) -> dict:
     return {"step_s": best, "state": state, "trainer": trainer, "batch": batches[-1]}
 
 
+def stats_flops_fraction(config, obs_block: int) -> float:
+    """Statistics FLOPs per token (x xᵀ, block-diagonal) over the step's training FLOPs."""
+    cfg = config_lib.model_config(config)
+    per_token = sum(2 * h.size for h in jax.tree.leaves(
+        jax.eval_shape(lambda: compensate.zero_stats(cfg, obs_block))))  # 2·n·b, every layer
+    spec = ArchSpec.from_masks(jax.device_get(llama.full_masks(cfg)), cfg)
+    return per_token / mfu.flops_per_token(spec, config.train.seq_len, dense=True)
+
+
 def measure(config_path: str, steps: int, rounds: int, obs_block: int) -> dict:
     """Step time inside the pruning window per compensation setting, and one event's time."""
     results = {}
@@ -57,6 +68,8 @@ def measure(config_path: str, steps: int, rounds: int, obs_block: int) -> dict:
         config.train.steps = total + 1
         out = _time_steps(config, steps, rounds)
         results[name] = {"step_s": out["step_s"]}
+        if compensation == "obs":
+            results[name]["stats_flops_fraction"] = stats_flops_fraction(config, block)
         if compensation == "obs":  # one event: selection + compensation + zeroing
             trainer, state = out["trainer"], out["state"]
             event_fn = jax.jit(lambda s: ts.prune_event(s, trainer.step_cfg, trainer.tx))

@@ -121,3 +121,28 @@ def test_bad_input_gets_one_clear_line(source, tmp_path, capsys, args, words):
     err = capsys.readouterr().err.strip()
     assert code == 1 and len(err.splitlines()) == 1 and words in err, err
     assert not (tmp_path / "x" / "checkpoints").exists()
+
+
+def test_wanda_group_saliency_is_the_brute_force_sum_over_exactly_its_weights():
+    """|W|·‖x_in‖ summed by hand over each head's and each FFN channel's weights."""
+    params = jax.tree.map(np.asarray, llama.init_params(CFG, jax.random.key(3)))
+    rng = np.random.default_rng(4)
+    stats = {k: np.asarray(v) for k, v in prune_posthoc.compensate.zero_stats(CFG, 0).items()}
+    for k, v in stats.items():  # distinct positive diagonals everywhere
+        stats[k] = v.copy()
+        idx = np.arange(v.shape[-1])
+        stats[k][..., idx, idx] = rng.uniform(0.5, 4.0, v.shape[:-1])
+    scores = prune_posthoc.group_saliency("wanda", params, None, stats, CFG)
+    norm = {k: np.sqrt(np.diagonal(v, axis1=-2, axis2=-1)).reshape(CFG.num_layers, -1)
+            for k, v in stats.items()}
+    a, m = params["layers"]["attn"], params["layers"]["mlp"]
+    hd = CFG.head_dim
+    for l in range(CFG.num_layers):
+        for h in range(CFG.num_heads):
+            want = (np.abs(a["wq"][l, :, h, :]) * norm["attn_in"][l][:, None]).sum() + (
+                np.abs(a["wo"][l, h]) * norm["o_in"][l][h * hd:(h + 1) * hd, None]).sum()
+            np.testing.assert_allclose(scores["heads"][l, h], want, rtol=1e-5)
+        for f in range(CFG.ffn_dim):
+            want = ((np.abs(m["w_gate"][l, :, f]) + np.abs(m["w_up"][l, :, f]))
+                    * norm["mlp_in"][l]).sum() + np.abs(m["w_down"][l, f]).sum() * norm["down_in"][l][f]
+            np.testing.assert_allclose(scores["ffn"][l, f], want, rtol=1e-5)
