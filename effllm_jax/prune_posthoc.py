@@ -144,9 +144,10 @@ def prune(config: ml_collections.ConfigDict, params: dict, masks: Masks, batches
     sel = SelectConfig(uniform_layers=scope == "layer",
                        group_types=tuple(config.prune.group_types),
                        round_to=int(config.prune.round_to))
-    new_masks = select(masks, scores, cfg, float(target), sel)
+    new_masks = jax.jit(select, static_argnums=(2, 4))(masks, scores, cfg, float(target), sel)
     if compensation == "obs":
-        params = compensate.compensate(params, masks, new_masks, stats, cfg, damping)
+        params = jax.jit(compensate.compensate, static_argnums=(4, 5))(
+            params, masks, new_masks, stats, cfg, damping)
     params = ts.mask_tree(params, groups.param_masks(new_masks, cfg))
     return jax.tree.map(np.asarray, params), jax.tree.map(np.asarray, new_masks)
 
