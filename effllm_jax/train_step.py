@@ -5,8 +5,9 @@ group saliency accumulated (inside the pruning window) -> AdamW update -> on eve
 the pruning event (select.py) shrinks the masks, zeroes the removed weights and their Adam
 moments, and resets the saliency. With `prune.compensation='obs'` the step also sums the
 input second moments of the prunable linear layers inside the pruning window, and the event
-first moves the kept weights to make up for the removed inputs (pruning/compensate.py). Masks are tiny arrays of static shape, so events never
-recompile: the event is a `lax.cond` branch compiled once with the step.
+first moves the kept weights to make up for the removed inputs (pruning/compensate.py).
+Masks are tiny arrays of static shape, so events never recompile: the event is a `lax.cond`
+branch compiled once with the step.
 """
 from __future__ import annotations
 

@@ -144,5 +144,6 @@ def test_wanda_group_saliency_is_the_brute_force_sum_over_exactly_its_weights():
             np.testing.assert_allclose(scores["heads"][l, h], want, rtol=1e-5)
         for f in range(CFG.ffn_dim):
             want = ((np.abs(m["w_gate"][l, :, f]) + np.abs(m["w_up"][l, :, f]))
-                    * norm["mlp_in"][l]).sum() + np.abs(m["w_down"][l, f]).sum() * norm["down_in"][l][f]
+                    * norm["mlp_in"][l]).sum()
+            want += np.abs(m["w_down"][l, f]).sum() * norm["down_in"][l][f]
             np.testing.assert_allclose(scores["ffn"][l, f], want, rtol=1e-5)
