@@ -134,13 +134,14 @@ class InferenceCheckpoint:
 
 def load_inference(workdir: str, step: int | None = None) -> InferenceCheckpoint:
     """Restores params and masks of a run (latest step by default) onto the host."""
-    from effllm_jax import train_step as ts  # late: train_step imports the model stack
+    from effllm_jax import config as config_lib, train_step as ts  # late: the model stack
 
     config = load_run_config(workdir)
     ckpt = Checkpointer(workdir, async_save=False)
     step, spec, _ = ckpt.restore_meta(step)
     cfg = spec.model_config
-    step_cfg = ts.StepConfig(cfg, None, None, config.prune.criterion)
+    step_cfg = ts.StepConfig(cfg, None, None, config.prune.criterion,
+                             **config_lib.compensation_fields(config))
     tx, _ = ts.make_optimizer(config.optim, config.train.steps)
     cpu = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.eval_shape(lambda: ts.init_state(step_cfg, tx, jax.random.key(0)))

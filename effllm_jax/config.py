@@ -40,6 +40,9 @@ def base_config() -> ml_collections.ConfigDict:
         min_heads_per_layer=1,  # floors: only attn_blocks / mlp_blocks may empty a layer
         min_ffn=1,
         min_hidden=1,
+        compensation="none",  # none | obs: OBS weight update at each event (pruning/compensate.py)
+        damping=0.01,  # OBS damping, relative to the mean diagonal of H
+        obs_block=0,  # OBS input second moments block-diagonal with this block (0: full H)
     ))
     c.optim = ml_collections.ConfigDict(dict(
         lr=3e-3, min_lr_ratio=0.1, warmup_steps=50, weight_decay=0.1, b1=0.9, b2=0.95,
@@ -81,6 +84,13 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
 def select_config(config: ml_collections.ConfigDict) -> select.SelectConfig:
     """How the run's pruning events choose what to remove."""
     return prune_validate.select_config(config.prune)
+
+
+def compensation_fields(config: ml_collections.ConfigDict) -> dict:
+    """The StepConfig fields of OBS compensation (defaults for runs saved before they existed)."""
+    p = config.prune
+    return {"compensation": str(p.get("compensation", "none")),
+            "damping": float(p.get("damping", 0.01)), "obs_block": int(p.get("obs_block", 0))}
 
 
 def target_params(config: ml_collections.ConfigDict) -> int:

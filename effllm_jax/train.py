@@ -43,7 +43,8 @@ def _step_config(config) -> ts.StepConfig:
                              every=int(p.every))
     return ts.StepConfig(cfg, schedule, config_lib.select_config(config), p.criterion,
                          adam_b2=float(config.optim.b2),
-                         distill=distill.step_config(config, cfg))
+                         distill=distill.step_config(config, cfg),
+                         **config_lib.compensation_fields(config))
 
 
 @dataclasses.dataclass

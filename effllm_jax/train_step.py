@@ -5,8 +5,10 @@ saliency accumulated (inside the pruning window) -> AdamW update -> on event ste
 pruning event (select.py) shrinks the masks, records what went (history.py), zeroes the
 removed weights and their Adam moments, and resets the saliency. Masks are tiny arrays of
 static shape, so events never recompile: the event is a `lax.cond` branch compiled once with
-the step. With distillation (distill.py) the loss mixes in a frozen teacher's logits; the
-learning rate follows the run's phases (phases.py).
+the step. With `prune.compensation='obs'` the step also sums the input second moments of the
+prunable linear layers inside the pruning window, and the event first moves the kept weights
+to make up for the removed inputs (pruning/compensate.py). With distillation (distill.py) the
+loss mixes in a frozen teacher's logits; the learning rate follows the run's phases (phases.py).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import optax
 
 from effllm_jax.model import llama
 from effllm_jax.model.llama import ModelConfig
-from effllm_jax.pruning import groups, history, saliency
+from effllm_jax.pruning import compensate, groups, history, saliency
 from effllm_jax.pruning.schedule import PruneSchedule
 from effllm_jax.pruning.select import SelectConfig, select_with_record
 from effllm_jax import distill, phases, sharding
@@ -39,6 +41,8 @@ class TrainState:
     saliency: dict  # group saliency summed since the last event (pruning/saliency.py)
     history: dict  # per unit: step, group type and score of its removal (pruning/history.py)
     teacher: Any = None  # distillation's frozen teacher {'params', 'masks'} (distill.py)
+    stats: dict = dataclasses.field(default_factory=dict)  # OBS input second moments since
+    # the last event (pruning/compensate.py); {} unless prune.compensation='obs'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +55,17 @@ class StepConfig:
     criterion: str
     adam_b2: float = 0.95  # Adam's b2: bias correction of the Fisher estimate (saliency.py)
     distill: distill.DistillConfig | None = None
+    compensation: str = "none"  # 'none' | 'obs' (pruning/compensate.py)
+    damping: float = 0.01  # OBS damping, relative to mean diag H
+    obs_block: int = 0  # block-diagonal H with blocks of this size (0: full)
+
+    @property
+    def stats_block(self) -> int | None:
+        """What the model is asked for: None (no statistics) or the H block size."""
+        return self.obs_block if self.compensation == "obs" else None
+
+    def zero_stats(self) -> dict:
+        return {} if self.stats_block is None else compensate.zero_stats(self.model, self.obs_block)
 
 
 def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int,
@@ -84,7 +99,8 @@ def init_state(cfg: StepConfig, tx: optax.GradientTransformation, key: jax.Array
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       masks=masks, saliency=saliency.zeros(cfg.model, cfg.criterion),
                       history=history.empty(cfg.model),
-                      teacher=distill.init_slot(cfg.distill, params, masks))
+                      teacher=distill.init_slot(cfg.distill, params, masks),
+                      stats=cfg.zero_stats())
 
 
 def state_shardings(cfg: StepConfig, tx: optax.GradientTransformation, mesh, rules) -> TrainState:
@@ -100,7 +116,10 @@ def state_shardings(cfg: StepConfig, tx: optax.GradientTransformation, mesh, rul
     return TrainState(step=rep, params=params, opt_state=opt_state,
                       masks=jax.tree.map(lambda _: rep, abstract.masks), saliency=sal,
                       history=jax.tree.map(lambda _: rep, abstract.history),
-                      teacher=distill.slot_shardings(cfg.distill, abstract.teacher, mesh, rules))
+                      teacher=distill.slot_shardings(cfg.distill, abstract.teacher, mesh, rules),
+                      stats=sharding.tree_shardings(
+                          abstract.stats, compensate.stats_axes(cfg.model, cfg.obs_block)
+                          if abstract.stats else {}, mesh, rules))
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -128,13 +147,18 @@ def prune_event(state: TrainState, cfg: StepConfig, tx: optax.GradientTransforma
               if cfg.criterion in ("fisher", "taylor_fisher") else None)
     scores = saliency.event_saliency(state.saliency, state.params, cfg.criterion, fisher)
     masks, removed = select_with_record(state.masks, scores, cfg.model, budget, cfg.select)
+    params = state.params
+    if cfg.compensation == "obs":  # moments of moved weights are kept (compensate.py)
+        params = compensate.compensate(params, state.masks, masks, state.stats, cfg.model,
+                                       cfg.damping)
     pmask = groups.param_masks(masks, cfg.model)
     opt_state = optax.tree_map_params(
         tx, lambda x, m: jnp.where(m, x, jnp.zeros((), x.dtype)), state.opt_state, pmask,
         transform_non_params=lambda x: x)
-    return state.replace(masks=masks, params=mask_tree(state.params, pmask), opt_state=opt_state,
+    return state.replace(masks=masks, params=mask_tree(params, pmask), opt_state=opt_state,
                          saliency=saliency.zeros(cfg.model, cfg.criterion),
-                         history=history.record(state.history, removed, state.step))
+                         history=history.record(state.history, removed, state.step),
+                         stats=cfg.zero_stats())
 
 
 def train_step(state: TrainState, batch: jax.Array, *, cfg: StepConfig,
@@ -148,14 +172,29 @@ def train_step(state: TrainState, batch: jax.Array, *, cfg: StepConfig,
                                                        step, kd))
         teacher_logits, distilling = distill.teacher_logits(state.teacher, inputs, step, kd)
 
-    def loss_fn(params):
-        logits = llama.apply(cfg.model, params, inputs, state.masks)
+    def loss_fn(params, stats_block=None):
+        """(objective, (loss parts, the forward's input second moments when stats_block))."""
+        out = llama.apply(cfg.model, params, inputs, state.masks, stats_block)
+        logits, batch_stats = (out, {}) if stats_block is None else out
         if kd is None:
-            return cross_entropy(logits, targets), {}
-        return distill.distill_loss(logits, teacher_logits, targets, kd.alpha, kd.temperature,
-                                    distilling)
+            return cross_entropy(logits, targets), ({}, batch_stats)
+        objective, parts = distill.distill_loss(logits, teacher_logits, targets, kd.alpha,
+                                                kd.temperature, distilling)
+        return objective, (parts, batch_stats)
 
-    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    def loss_and_grads(with_stats: bool):
+        (loss, (parts, batch_stats)), grads = jax.value_and_grad(
+            lambda p: loss_fn(p, cfg.stats_block if with_stats else None), has_aux=True)(
+                state.params)
+        stats = compensate.accumulate(state.stats, batch_stats) if with_stats else state.stats
+        return loss, parts, grads, stats
+
+    if cfg.stats_block is None:
+        loss, parts, grads, stats = loss_and_grads(False)
+    else:  # statistics only inside the pruning window (lax.cond: no cost outside it)
+        loss, parts, grads, stats = jax.lax.cond(cfg.schedule.collecting(step),
+                                                 lambda: loss_and_grads(True),
+                                                 lambda: loss_and_grads(False))
     # Exactly zero already (masked activations); explicit so moments of pruned weights stay 0.
     grads = mask_tree(grads, groups.param_masks(state.masks, cfg.model))
     new_saliency = jax.lax.cond(
@@ -164,7 +203,7 @@ def train_step(state: TrainState, batch: jax.Array, *, cfg: StepConfig,
         lambda: state.saliency)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     state = state.replace(step=step, params=optax.apply_updates(state.params, updates),
-                          opt_state=opt_state, saliency=new_saliency)
+                          opt_state=opt_state, saliency=new_saliency, stats=stats)
     is_event = cfg.schedule.is_event(step)
     state = jax.lax.cond(is_event, lambda s: prune_event(s, cfg, tx, batch.shape[0]),
                          lambda s: s, state)

@@ -12,6 +12,10 @@ and pruned weights receive exactly zero gradient:
   head mask    [L, H] query heads (a KV head is dead once all its query heads are)
   ffn mask     [L, F] SwiGLU channels
 Every parameter carries logical axis names (`axes` metadata); sharding.py maps them to the mesh.
+
+With `stats_block` set, the source model also returns the summed second moments x xᵀ of the
+inputs of every linear layer whose input channels can be pruned (block-diagonal, blocks of
+`stats_block`), under stop_gradient: the statistics of OBS compensation (pruning/compensate.py).
 """
 from __future__ import annotations
 
@@ -70,6 +74,23 @@ def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float) -> jax.Array:
     return std * jax.random.normal(rngs.params(), shape, jnp.float32)
 
 
+def stats_block_size(n: int, obs_block: int) -> int:
+    """Block size of a second moment over n inputs: n (full) when obs_block is 0, else the
+    largest divisor of n that is <= obs_block (block-diagonal)."""
+    if obs_block <= 0 or obs_block >= n:
+        return n
+    return max(b for b in range(1, obs_block + 1) if n % b == 0)
+
+
+def second_moment(x: jax.Array, obs_block: int) -> jax.Array:
+    """sum over tokens of x xᵀ for x [..., n], block-diagonal: [n/b, b, b] float32, no gradient."""
+    x = jax.lax.stop_gradient(x)
+    n = x.shape[-1]
+    b = stats_block_size(n, obs_block)
+    x = x.reshape(-1, n // b, b)
+    return jnp.einsum("tki,tkj->kij", x, x, preferred_element_type=jnp.float32)
+
+
 def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
     """cos/sin tables [T, head_dim/2] in the Hugging Face (rotate-half) pairing."""
     inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
@@ -121,7 +142,7 @@ class Attention(nnx.Module):
         self.kv_index = tuple(int(i) for i in kv_index)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
-                 head_mask: jax.Array | None = None) -> jax.Array:
+                 head_mask: jax.Array | None = None, stats_block: int | None = None):
         dtype = x.dtype
         q = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dtype))
         k = jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(dtype))
@@ -139,7 +160,10 @@ class Attention(nnx.Module):
         out = jnp.einsum("bhts,bshk->bthk", probs, v)
         if head_mask is not None:
             out = out * head_mask.astype(dtype)[None, None, :, None]
-        return jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dtype))
+        y = jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dtype))
+        if stats_block is None:
+            return y
+        return y, second_moment(out.reshape(*out.shape[:2], -1), stats_block)
 
 
 class MLP(nnx.Module):
@@ -151,12 +175,14 @@ class MLP(nnx.Module):
         self.w_up = nnx.Param(_normal(rngs, (d_model, ffn_dim), init_std), axes=("embed", "mlp"))
         self.w_down = nnx.Param(_normal(rngs, (ffn_dim, d_model), out_std), axes=("mlp", "embed"))
 
-    def __call__(self, x: jax.Array, ffn_mask: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, ffn_mask: jax.Array | None = None,
+                 stats_block: int | None = None):
         dtype = x.dtype
         h = jax.nn.silu(x @ self.w_gate[...].astype(dtype)) * (x @ self.w_up[...].astype(dtype))
         if ffn_mask is not None:
             h = h * ffn_mask.astype(dtype)
-        return h @ self.w_down[...].astype(dtype)
+        y = h @ self.w_down[...].astype(dtype)
+        return y if stats_block is None else (y, second_moment(h, stats_block))
 
 
 class Block(nnx.Module):
@@ -173,9 +199,18 @@ class Block(nnx.Module):
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
                  hidden_mask: jax.Array | None = None, head_mask: jax.Array | None = None,
-                 ffn_mask: jax.Array | None = None) -> jax.Array:
-        x = x + self.attn(self.attn_norm(x, hidden_mask), cos, sin, head_mask)
-        return x + self.mlp(self.mlp_norm(x, hidden_mask), ffn_mask)
+                 ffn_mask: jax.Array | None = None, stats_block: int | None = None):
+        if stats_block is None:
+            x = x + self.attn(self.attn_norm(x, hidden_mask), cos, sin, head_mask)
+            return x + self.mlp(self.mlp_norm(x, hidden_mask), ffn_mask)
+        # Statistics: second moments of the inputs of q/k/v, o, gate/up and down.
+        attn_in = self.attn_norm(x, hidden_mask)
+        attn_out, o_in = self.attn(attn_in, cos, sin, head_mask, stats_block)
+        x = x + attn_out
+        mlp_in = self.mlp_norm(x, hidden_mask)
+        mlp_out, down_in = self.mlp(mlp_in, ffn_mask, stats_block)
+        return x + mlp_out, {"attn_in": second_moment(attn_in, stats_block), "o_in": o_in,
+                             "mlp_in": second_moment(mlp_in, stats_block), "down_in": down_in}
 
 
 def _remat(fn, policy: str):
@@ -219,7 +254,8 @@ class Llama(nnx.Module):
             self.lm_head = nnx.Param(_normal(rngs, (cfg.d_model, cfg.vocab_size), cfg.init_std),
                                      axes=("embed", "vocab"))
 
-    def __call__(self, tokens: jax.Array, masks: Masks | None = None) -> jax.Array:
+    def __call__(self, tokens: jax.Array, masks: Masks | None = None,
+                 stats_block: int | None = None):
         cfg = self.cfg
         dtype = cfg.compute_dtype
         hidden = None if masks is None else masks["hidden"].astype(jnp.float32)
@@ -236,18 +272,27 @@ class Llama(nnx.Module):
 
         def layer(x, layer_state, head_mask, ffn_mask):
             block = nnx.merge(graphdef, layer_state)
-            return block(x, cos, sin, hidden, head_mask if masks is not None else None,
-                         ffn_mask if masks is not None else None)
+            out = block(x, cos, sin, hidden, head_mask if masks is not None else None,
+                        ffn_mask if masks is not None else None, stats_block)
+            return (out, None) if stats_block is None else out  # (x, this layer's statistics)
 
         layer = _remat(layer, cfg.remat)
         if cfg.scan_layers:
-            x, _ = jax.lax.scan(lambda x, xs: (layer(x, *xs), None), x, (layer_state, *layer_masks))
+            x, stats = jax.lax.scan(lambda x, xs: layer(x, *xs), x, (layer_state, *layer_masks))
         else:
+            per_layer = []
             for i in range(cfg.num_layers):
                 xs = jax.tree.map(lambda a: a[i], (layer_state, *layer_masks))
-                x = layer(x, *xs)
+                x, layer_stats = layer(x, *xs)
+                per_layer.append(layer_stats)
+            stats = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
         x = self.final_norm(x, hidden)
-        return unembed(x, self.embed[...], None if cfg.tie_embeddings else self.lm_head[...])
+        logits = unembed(x, self.embed[...], None if cfg.tie_embeddings else self.lm_head[...])
+        if stats_block is None:
+            return logits
+        if not cfg.tie_embeddings:  # the untied head's input; a tied table is not compensated
+            stats["final_in"] = second_moment(x, stats_block)
+        return logits, stats
 
 
 # ----------------------------------------------------------------------------------------
@@ -282,12 +327,14 @@ def param_axes(cfg: ModelConfig) -> dict:
     return nnx.to_pure_dict(nnx.map_state(axes_of, state))
 
 
-def apply(cfg: ModelConfig, params: dict, tokens: jax.Array, masks: Masks | None = None) -> jax.Array:
-    """Logits [B, T, V] (float32) of the source model with optional pruning masks."""
+def apply(cfg: ModelConfig, params: dict, tokens: jax.Array, masks: Masks | None = None,
+          stats_block: int | None = None):
+    """Logits [B, T, V] (float32) of the source model with optional pruning masks; with
+    `stats_block`, (logits, input second moments) for OBS compensation."""
     graphdef, abstract_state = _graphdef_and_abstract_state(cfg)
     state = jax.tree.map(lambda x: x, abstract_state)
     nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state)(tokens, masks)
+    return nnx.merge(graphdef, state)(tokens, masks, stats_block)
 
 
 def full_masks(cfg: ModelConfig) -> Masks:

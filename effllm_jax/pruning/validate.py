@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from effllm_jax.model.llama import ModelConfig
-from effllm_jax.pruning import groups, saliency, select
+from effllm_jax.pruning import compensate, groups, saliency, select
 
 FLOORS = ("min_heads_per_layer", "min_ffn", "min_hidden")
 
@@ -97,6 +97,7 @@ def validate_prune(prune: Any, cfg: ModelConfig, train_steps: int) -> None:
         raise ValueError(f"prune.criterion={p.criterion!r}; expected one of {saliency.CRITERIA}")
     if p.reduction not in select.REDUCTIONS:
         raise ValueError(f"prune.reduction={p.reduction!r}; expected one of {select.REDUCTIONS}")
+    compensate.validate(p)
     types = tuple(p.group_types)
     unknown = set(types) - set(select.GROUP_TYPES)
     if unknown:
