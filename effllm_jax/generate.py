@@ -78,14 +78,14 @@ def encode_prompts(lm: Any, prompts: Sequence[str | Sequence[int]], add_bos: boo
 
 
 def _cut_at_stop(tok: Any, tokens: list[int], stop: Sequence[str]) -> tuple[list[int], str, bool]:
-    """(tokens up to the first stop string, text cut before it, whether one was found)."""
+    """(tokens through the first stop string, text cut before it, whether one was found)."""
     text = tok.decode(tokens)
-    hits = [text.index(s) for s in stop if s and s in text]
+    hits = sorted((text.index(s), i) for i, s in enumerate(stop) if s and s in text)
     if not hits:
         return tokens, text, False
-    cut = min(hits)
-    for n in range(1, len(tokens) + 1):  # fewest tokens whose text reaches the stop string
-        if len(tok.decode(tokens[:n])) > cut:
+    cut, first = hits[0]
+    for n in range(1, len(tokens) + 1):  # fewest tokens whose text holds the stop string
+        if len(tok.decode(tokens[:n])) >= cut + len(stop[first]):
             return tokens[:n], text[:cut], True
     return tokens, text[:cut], True
 
