@@ -5,7 +5,6 @@ import functools
 import importlib
 import json
 import math
-import sys
 import types
 
 import jax
