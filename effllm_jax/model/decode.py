@@ -183,8 +183,8 @@ def _logits(model: _Model, x) -> jax.Array:
 
 # ------------------------------------------------------------------------------ sampling ---
 
-def choose(logits: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
-    """Next token [B] from logits [B, V]: argmax, or a top-k/top-p filtered sample."""
+def _sample(logits: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
+    """A top-k/top-p filtered sample at temperature s.temperature, one key per row."""
     scaled = logits / jnp.maximum(s.temperature, 1e-6)
     ordered = -jnp.sort(-scaled, axis=-1)  # descending
     kth = jnp.take(ordered, s.top_k - 1, axis=-1)[:, None]
@@ -195,8 +195,17 @@ def choose(logits: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
     cutoff = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
     filtered = jnp.where(scaled < jnp.maximum(kth, cutoff), -jnp.inf, scaled)
     keys = jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(logits.shape[0]))
-    sampled = jax.vmap(jax.random.categorical)(keys, filtered)
-    return jnp.where(s.temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+    return jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+
+
+def choose(logits: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
+    """Next token [B] from logits [B, V]: argmax, or a top-k/top-p filtered sample.
+
+    A cond, so greedy decoding never pays for the vocabulary sort.
+    """
+    return jax.lax.cond(s.temperature > 0, _sample,
+                        lambda logits, *_: jnp.argmax(logits, axis=-1).astype(jnp.int32),
+                        logits, key, s)
 
 
 # ----------------------------------------------------------------------- jitted programs ---
