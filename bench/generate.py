@@ -62,10 +62,14 @@ def uncached(lm, prompt: str, new_tokens: int) -> dict:
     return {"total_s": seconds, "tokens_per_s": new_tokens / seconds}
 
 
-def theirs(hf_dir: str, prompts: list[str], new_tokens: int, repeats: int) -> dict:
+def theirs(hf_dir: str, prompts: list[str], new_tokens: int, repeats: int,
+           threads: int | None = None) -> dict:
     """The same timings for transformers' generate (float32, KV cache, greedy)."""
     import torch
     import transformers
+
+    if threads:
+        torch.set_num_threads(threads)
 
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     model.eval()
@@ -99,6 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=1, help="copies of the prompt per batch")
     p.add_argument("--uncached_tokens", type=int, default=16,
                    help="tokens for the old full-forward path (0 skips it)")
+    p.add_argument("--torch_threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--out", default="bench/results/generate.json")
     args = p.parse_args(argv)
     import jax
@@ -117,7 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as hf_dir:
         export_model(hf_dir, lm.spec, lm.params, "hf", tokenizer=lm.tokenizer,
                      max_position_embeddings=lm.max_length)
-        result["transformers"] = theirs(hf_dir, prompts, args.new_tokens, args.repeats)
+        result["transformers"] = theirs(hf_dir, prompts, args.new_tokens, args.repeats,
+                                        args.torch_threads)
     a, b = result["effllm"], result["transformers"]
     result["decode_speedup_vs_transformers"] = a["decode_tokens_per_s"] / b["decode_tokens_per_s"]
     # transformers' min_new_tokens bans EOS, ours decodes past it: compare up to the first EOS
