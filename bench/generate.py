@@ -1,4 +1,4 @@
-"""Decode speed of the KV-cached generator against transformers' `generate`, same model, same prompt.
+"""Decode speed of the KV-cached generator against transformers' `generate`: same model, prompt.
 
   python bench/generate.py [--model=PATH] [--new_tokens=64] [--repeats=3] [--batch=1]
 --model: a .gguf, HF directory, export or run (default: SmolLM2-135M-Instruct Q4_1, fetched

@@ -169,8 +169,7 @@ def _run(model: _Model, tokens, positions, cache: Cache, slot, attend_to_cache: 
             x = x + _attention(layer, h, cos, sin, ck, cv, valid)
         else:
             x = x + _attention(layer, h, cos, sin, k, v, valid)
-        ffn_mask = layer.ffn_mask
-        x = x + layer.block.mlp(layer.block.mlp_norm(x, model.hidden), ffn_mask)
+        x = x + layer.block.mlp(layer.block.mlp_norm(x, model.hidden), layer.ffn_mask)
         keys.append(ck)
         values.append(cv)
     return x[:, -1:], Cache(tuple(keys), tuple(values), cache.pad)
