@@ -1,8 +1,9 @@
-"""Text generation over a LanguageModel: greedy or temperature (top-k) sampling.
+"""Text generation over a LanguageModel (or the masked model): KV-cached, greedy or sampled.
 
-No KV cache: each step reruns the causal forward over the sequence padded to a power-of-two
-length bucket (>= 32), so a generation compiles once per bucket, not once per token. Right
-padding is harmless under causal attention; only the last real position is unembedded.
+Generation runs through model/decode.py: one jitted prefill of the (left-padded) prompts,
+then a jitted decode loop over a preallocated K/V cache; greedy, or temperature with top-k and
+top-p; stops at EOS, at stop strings, or after max_new_tokens. `next_token_logits` is the
+uncached full forward (right-padded to a power-of-two bucket), kept as the reference.
 CLI: python -m effllm_jax.generate --model=PATH --prompt="..." [--max_new_tokens=32]
 """
 from __future__ import annotations
@@ -11,7 +12,7 @@ import argparse
 import dataclasses
 import functools
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +20,7 @@ import numpy as np
 
 from effllm_jax.arch import ArchSpec
 from effllm_jax.model.compact import apply_compact
+from effllm_jax.model.decode import Decoder
 from effllm_jax.model.lm import LanguageModel
 
 
@@ -37,45 +39,26 @@ def bucket_length(n: int, min_bucket: int = 32) -> int:
 
 
 @functools.lru_cache(maxsize=16)
-def _step_fn(spec_json: str):
-    """Jitted (params, tokens [B,T], pos [B], key, temperature, top_k) -> (next [B], logits [B,V]).
-
-    temperature and top_k are traced, so greedy and sampling share one compilation.
-    """
+def _last_logits_fn(spec_json: str):
+    """Jitted (params, tokens [B, T], pos [B]) -> logits [B, V] at each row's position."""
     spec = ArchSpec.from_json(spec_json)
-
-    @jax.jit
-    def step(params, tokens, pos, key, temperature, top_k):
-        logits = apply_compact(spec, params, tokens, pos)[:, 0]  # only the last real position
-        scaled = logits / jnp.maximum(temperature, 1e-6)
-        kth = jnp.sort(scaled, axis=-1)[:, scaled.shape[-1] - top_k][:, None]
-        scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
-        # one key per row, so a row's samples do not depend on what else is in the batch
-        keys = jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(tokens.shape[0]))
-        sampled = jax.vmap(jax.random.categorical)(keys, scaled)
-        return jnp.where(temperature > 0, sampled, jnp.argmax(logits, axis=-1)), logits
-
-    return step
+    return jax.jit(lambda params, tokens, pos: apply_compact(spec, params, tokens, pos)[:, 0])
 
 
 def next_token_logits(lm: LanguageModel, tokens: Sequence[Sequence[int]]) -> np.ndarray:
-    """Logits [B, V] of the token after each (unpadded) row, via the bucketed forward."""
+    """Logits [B, V] of the token after each (unpadded) row: the uncached full forward."""
     lengths = np.asarray([len(t) for t in tokens])
     buf = np.zeros((len(tokens), bucket_length(lengths.max())), np.int32)
     for b, row in enumerate(tokens):
         buf[b, :len(row)] = row
-    step = _step_fn(lm.spec.shape_key())
-    _, logits = step(lm.params, buf, jnp.asarray(lengths - 1, jnp.int32), jax.random.key(0),
-                     jnp.float32(0.0), jnp.int32(1))
-    return np.asarray(logits)
+    fn = _last_logits_fn(lm.spec.shape_key())
+    return np.asarray(fn(lm.params, buf, jnp.asarray(lengths - 1, jnp.int32)))
 
 
-def generate_batch(lm: LanguageModel, prompts: Sequence[str | Sequence[int]], *,
-                   max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
-                   seed: int = 0, eos_id: int | None = None, stop_at_eos: bool = True,
-                   add_bos: bool = False, min_bucket: int = 32) -> list[Generation]:
-    """Continues each prompt (text needs lm.tokenizer; token lists do not)."""
-    tok = lm.tokenizer
+def encode_prompts(lm: Any, prompts: Sequence[str | Sequence[int]], add_bos: bool = False
+                   ) -> list[list[int]]:
+    """Token rows of text prompts (through lm.tokenizer) or token-id prompts."""
+    tok = getattr(lm, "tokenizer", None)
     rows = []
     for p in prompts:
         if isinstance(p, str):
@@ -91,37 +74,74 @@ def generate_batch(lm: LanguageModel, prompts: Sequence[str | Sequence[int]], *,
         if not ids:
             raise ValueError("an empty prompt has no position to continue from")
         rows.append(ids)
+    return rows
+
+
+def _cut_at_stop(tok: Any, tokens: list[int], stop: Sequence[str]) -> tuple[list[int], str, bool]:
+    """(tokens through the first stop string, text cut before it, whether one was found)."""
+    text = tok.decode(tokens)
+    hits = sorted((text.index(s), i) for i, s in enumerate(stop) if s and s in text)
+    if not hits:
+        return tokens, text, False
+    cut, first = hits[0]
+    for n in range(1, len(tokens) + 1):  # fewest tokens whose text holds the stop string
+        if len(tok.decode(tokens[:n])) >= cut + len(stop[first]):
+            return tokens[:n], text[:cut], True
+    return tokens, text[:cut], True
+
+
+def generate_batch(lm: Any, prompts: Sequence[str | Sequence[int]], *,
+                   max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
+                   top_p: float = 1.0, seed: int = 0, eos_id: int | None = None,
+                   stop_at_eos: bool = True, stop: Sequence[str] = (), add_bos: bool = False,
+                   max_length: int | None = None, chunk: int = 32) -> list[Generation]:
+    """Continues each prompt with the KV-cached decoder (text needs lm.tokenizer).
+
+    Stops a row at EOS (excluded from its tokens), at the first of the `stop` strings (text
+    cut before it; checked every `chunk` tokens) or after max_new_tokens. With max_length,
+    prompts are left-truncated so prompt + max_new_tokens fits the context.
+    """
+    tok = getattr(lm, "tokenizer", None)
+    rows = encode_prompts(lm, prompts, add_bos)
+    if stop and tok is None:
+        raise ValueError("stop strings need a tokenizer; this model has none")
     if eos_id is None and tok is not None:
         eos_id = tok.eos_id
-    step = _step_fn(lm.spec.shape_key())
-    vocab = lm.spec.model_config.vocab_size
-    if top_k is not None and not 1 <= top_k <= vocab:
-        raise ValueError(f"top_k={top_k} must lie in [1, {vocab}]")
-    k = jnp.int32(vocab if top_k is None else top_k)
-    lengths = np.asarray([len(r) for r in rows])
-    new: list[list[int]] = [[] for _ in rows]
-    done = np.zeros(len(rows), bool)
-    buf = np.zeros((len(rows), bucket_length(lengths.max() + max_new_tokens, min_bucket)), np.int32)
-    for b, r in enumerate(rows):
-        buf[b, :len(r)] = r
-    key = jax.random.key(seed)
-    for i in range(max_new_tokens):
-        width = bucket_length(lengths.max(), min_bucket)  # grows with the sequence
-        nxt, _ = step(lm.params, buf[:, :width], jnp.asarray(lengths - 1, jnp.int32),
-                      jax.random.fold_in(key, i), jnp.float32(temperature), k)
-        nxt = np.asarray(nxt)
-        for b in np.flatnonzero(~done):
-            token = int(nxt[b])
-            if stop_at_eos and eos_id is not None and token == eos_id:
-                done[b] = True
-                continue
-            new[b].append(token)
-            buf[b, lengths[b]] = token
-            lengths[b] += 1
-        if done.all():
-            break
-    return [Generation(t, tok.decode(t) if tok is not None else None, bool(d))
-            for t, d in zip(new, done)]
+    if max_length is not None:
+        if max_new_tokens >= max_length:
+            raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for the prompt in "
+                             f"a context of {max_length}")
+        rows = [r[-(max_length - max_new_tokens):] for r in rows]
+    decoder = Decoder(lm, rows, max_new_tokens, temperature=temperature, top_k=top_k,
+                      top_p=top_p, seed=seed, eos_id=eos_id if stop_at_eos else None)
+    stopped = np.zeros(len(rows), bool)
+    while not decoder.all_done:
+        out = decoder.run(chunk if stop else None)
+        if stop:
+            for b in np.flatnonzero(~stopped):
+                if _cut_at_stop(tok, _real(out[b]), stop)[2]:
+                    stopped[b] = True
+            if stopped.any():
+                decoder.finish(np.flatnonzero(stopped))
+    out = decoder.run(0)
+    results = []
+    for b in range(len(rows)):
+        tokens = _real(out[b])
+        at_eos = bool(stop_at_eos and eos_id is not None and tokens and tokens[-1] == eos_id)
+        if at_eos:
+            tokens = tokens[:-1]
+        text = tok.decode(tokens) if tok is not None else None
+        if stop:
+            tokens, text, found = _cut_at_stop(tok, tokens, stop)
+            at_eos = at_eos and not found
+        results.append(Generation(tokens, text, at_eos))
+    return results
+
+
+def _real(row: np.ndarray) -> list[int]:
+    """Generated ids of one row, up to the -1 fill of a finished row."""
+    ends = np.flatnonzero(row < 0)
+    return [int(t) for t in row[:ends[0] if len(ends) else len(row)]]
 
 
 def generate(lm: LanguageModel, prompt: str | Sequence[int], **kwargs) -> Generation:
@@ -137,16 +157,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top_k", type=int, default=None)
+    parser.add_argument("--top_p", type=float, default=1.0)
+    parser.add_argument("--stop", action="append", default=[],
+                        help="stop string (repeatable); the text is cut before it")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--add_bos", action="store_true")
     args = parser.parse_args(argv)
+    from effllm_jax.evaluate.suite import model_max_length
     from effllm_jax.export import load_language_model
 
     lm = load_language_model(args.model)
     out = generate(lm, args.prompt, max_new_tokens=args.max_new_tokens,
-                   temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-                   add_bos=args.add_bos)
-    print(args.prompt + (out.text or " ".join(map(str, out.tokens))))
+                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   seed=args.seed, add_bos=args.add_bos, stop=args.stop,
+                   max_length=model_max_length(lm))
+    print(args.prompt + (out.text if out.text is not None else " ".join(map(str, out.tokens))))
     return 0
 
 

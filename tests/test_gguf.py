@@ -14,7 +14,7 @@ gguf = pytest.importorskip("gguf")
 
 from effllm_jax.export import gguf_import, load_language_model  # noqa: E402
 from effllm_jax.export.gguf_import import unpermute  # noqa: E402
-from effllm_jax.generate import generate, next_token_logits  # noqa: E402
+from effllm_jax.generate import generate_batch, next_token_logits  # noqa: E402
 from effllm_jax.model.llama import ModelConfig, abstract_params, apply  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
@@ -138,6 +138,25 @@ def test_tiny_gguf_imports_exactly(tiny):
     assert lm.tokenizer.encode("<|endoftext|>") == [tokens.index("<|endoftext|>")]
 
 
+def test_context_length_travels_from_gguf_through_exports(tiny):
+    from effllm_jax.export import export_run
+
+    tmp, cfg, params, tokens, merges = tiny
+    path = str(tmp / "ctx.gguf")
+    write_gguf(path, cfg, params, tokens, merges)  # llama.context_length = 256
+    assert load_language_model(path).max_length == 256
+    export_run(path, str(tmp / "ctx-hf"), "hf")
+    config = json.loads((tmp / "ctx-hf" / "config.json").read_text())
+    assert config["max_position_embeddings"] == 256
+    assert config["rope_parameters"]["rope_theta"] == cfg.rope_theta
+    assert load_language_model(str(tmp / "ctx-hf")).max_length == 256
+    export_run(str(tmp / "ctx-hf"), str(tmp / "ctx-flax"), "flax")
+    assert load_language_model(str(tmp / "ctx-flax")).max_length == 256
+    export_run(path, str(tmp / "ctx-hf-override"), "hf", max_position_embeddings=128)
+    assert json.loads((tmp / "ctx-hf-override" / "config.json").read_text())[
+        "max_position_embeddings"] == 128
+
+
 def test_bad_gguf_files_give_clear_errors(tiny):
     tmp, cfg, params, tokens, merges = tiny
     cases = [
@@ -170,15 +189,21 @@ def smollm2():
     return path, load_language_model(path)
 
 
-def test_smollm2_completes_a_fact(smollm2):
+def test_smollm2_completes_a_fact_and_cached_greedy_equals_full_forward(smollm2):
     _, lm = smollm2
     cfg = lm.spec.model_config
     assert (cfg.num_layers, cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.ffn_dim,
             cfg.vocab_size, cfg.rope_theta, cfg.tie_embeddings) == (30, 576, 9, 3, 1536, 49152,
                                                                     100000.0, True)
-    out = generate(lm, "The capital of France is", max_new_tokens=4)
-    print(f"SmolLM2 greedy: 'The capital of France is' -> {out.text!r}")
-    assert out.text.startswith(" Paris")
+    assert lm.max_length == 8192  # llama.context_length, not the 2048 fallback
+    prompt = "The capital of France is"
+    [g] = generate_batch(lm, [prompt], max_new_tokens=64, stop_at_eos=False)
+    print(f"SmolLM2 greedy (KV cache): {prompt!r} -> {g.text!r}")
+    assert g.text.startswith(" Paris")
+    ids = lm.tokenizer.encode(prompt)
+    # one uncached full forward over prompt + generated: each token must be its argmax
+    full = np.asarray(lm.logits(np.asarray([ids + g.tokens[:-1]])))[0, len(ids) - 1:]
+    assert len(g.tokens) == 64 and g.tokens == list(np.argmax(full, axis=-1))
 
 
 def _persuasion_lines() -> list[str]:

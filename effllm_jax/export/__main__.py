@@ -26,14 +26,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gqa", choices=("auto", "pad", "mha"), default="auto",
                         help="hf: how uneven GQA groups become stock Llama heads")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    parser.add_argument("--max_position_embeddings", type=int, default=2048)
+    parser.add_argument("--max_position_embeddings", type=int, default=None,
+                        help="context length to write (default: the source's, else 2048)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("effllm_jax").setLevel(logging.INFO)  # ours only, not jax's chatter
-    options = {"round_to": args.round_to, "dtype": args.dtype}
+    options = {"round_to": args.round_to, "dtype": args.dtype,
+               "max_position_embeddings": args.max_position_embeddings}
     if args.format == "hf":
-        options.update(strict=args.strict, gqa=args.gqa,
-                       max_position_embeddings=args.max_position_embeddings)
+        options.update(strict=args.strict, gqa=args.gqa)
     notes = export_run(args.workdir, args.out, args.format, step=args.step, **options)
     print(f"exported {args.workdir} -> {args.out} ({args.format})")
     for note in notes:

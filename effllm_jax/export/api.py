@@ -76,23 +76,26 @@ def run_tokenizer_path(workdir: str) -> str | None:
     return None
 
 
-def _language_model(spec: ArchSpec, params: dict, tokenizer: Any, path: str) -> LanguageModel:
+def _language_model(spec: ArchSpec, params: dict, tokenizer: Any, path: str,
+                    max_length: int | None = None) -> LanguageModel:
     """LanguageModel, warning when the tokenizer can emit ids the model has no row for."""
     vocab = spec.model_config.vocab_size
     if tokenizer is not None and getattr(tokenizer, "vocab_size", 0) > vocab:
         log.warning("%s: the tokenizer has %d tokens but the model's vocabulary is %d",
                     path, tokenizer.vocab_size, vocab)
-    return LanguageModel(spec, params, tokenizer)
+    return LanguageModel(spec, params, tokenizer, max_length=max_length)
 
 
 def load_exported(path: str) -> LanguageModel:
     """A compact Flax export or a Hugging Face directory (+ its tokenizer) as a LanguageModel."""
     if flax_io.is_compact_export(path):
         spec, params = flax_io.load_compact(path)
-        return _language_model(spec, params, flax_io.load_export_tokenizer(path), path)
+        return _language_model(spec, params, flax_io.load_export_tokenizer(path), path,
+                               flax_io.export_max_length(path))
     if hf.is_hf_dir(path):
         spec, params = hf.load_hf_compact(path)
-        return _language_model(spec, params, hf.load_hf_tokenizer(path), path)
+        return _language_model(spec, params, hf.load_hf_tokenizer(path), path,
+                               hf.hf_context_length(path))
     raise FileNotFoundError(f"{path} is neither a compact export (export.json + spec.json) nor "
                             "a Hugging Face directory (config.json + model.safetensors)")
 
@@ -121,14 +124,19 @@ def _load_run_model(path: str, step: int | None) -> LanguageModel:
 def export_model(out_dir: str, spec: ArchSpec, params: dict, fmt: Format = "flax", *,
                  tokenizer: Any = None, tokenizer_path: str | None = None,
                  round_to: int | None = None, strict: bool = False, gqa: str = "auto",
-                 dtype: str = "float32", max_position_embeddings: int = 2048) -> list[str]:
-    """Writes compact (spec, params) as a Flax or Hugging Face export; returns notes."""
+                 dtype: str = "float32", max_position_embeddings: int | None = None
+                 ) -> list[str]:
+    """Writes compact (spec, params) as a Flax or Hugging Face export; returns notes.
+
+    max_position_embeddings is the context length written (HF config.json, export.json);
+    None writes the harness's 2048 fallback to HF and nothing to a Flax export.
+    """
     params = jax.tree.map(np.asarray, params)
     if fmt == "hf":
         return hf.export_hf(out_dir, spec, params, tokenizer=tokenizer,
                             tokenizer_path=tokenizer_path, strict=strict, gqa=gqa,
                             round_to=round_to, dtype=dtype,
-                            max_position_embeddings=max_position_embeddings)
+                            max_position_embeddings=max_position_embeddings or 2048)
     if fmt != "flax":
         raise ValueError(f"format {fmt!r}; expected 'flax' or 'hf'")
     notes: list[str] = []
@@ -140,7 +148,8 @@ def export_model(out_dir: str, spec: ArchSpec, params: dict, fmt: Format = "flax
     else:
         tensors = params
     flax_io.save_compact(out_dir, spec, tensors, tokenizer=tokenizer,
-                         tokenizer_path=tokenizer_path, dtype=dtype, notes=notes)
+                         tokenizer_path=tokenizer_path, dtype=dtype, notes=notes,
+                         max_length=max_position_embeddings)
     return notes
 
 
@@ -159,4 +168,6 @@ def export_run(source: str, out_dir: str, fmt: Format = "flax", *, step: int | N
         return export_model(out_dir, spec, params, fmt, tokenizer=tokenizer,
                             tokenizer_path=tok_path, **options)
     lm = load_language_model(source, step)
+    if options.get("max_position_embeddings") is None:  # carry the source's context length
+        options["max_position_embeddings"] = lm.max_length
     return export_model(out_dir, lm.spec, lm.params, fmt, tokenizer=lm.tokenizer, **options)

@@ -47,7 +47,8 @@ def is_compact_export(path: str) -> bool:
 
 def save_compact(out_dir: str, spec: ArchSpec, params: dict | widths.LazyTensors, *,
                  tokenizer: Any = None, tokenizer_path: str | None = None,
-                 dtype: str = "float32", notes: Sequence[str] = ()) -> None:
+                 dtype: str = "float32", notes: Sequence[str] = (),
+                 max_length: int | None = None) -> None:
     """Writes a compact model (nested params or lazy tensors) one tensor at a time."""
     np_dtype = storage_dtype(dtype)
     os.makedirs(out_dir, exist_ok=True)
@@ -69,7 +70,8 @@ def save_compact(out_dir: str, spec: ArchSpec, params: dict | widths.LazyTensors
     tok_dir = os.path.join(out_dir, "tokenizer")
     wrote_tokenizer = copy_tokenizer(tokenizer, tokenizer_path, tok_dir)
     meta = {"format": FORMAT, "version": VERSION, "dtype": dtype, "notes": list(notes),
-            "tokenizer": "tokenizer" if wrote_tokenizer else None}
+            "tokenizer": "tokenizer" if wrote_tokenizer else None,
+            "max_length": None if max_length is None else int(max_length)}
     with open(os.path.join(out_dir, "export.json"), "w") as f:  # written last: marks completion
         json.dump(meta, f, indent=2)
 
@@ -100,6 +102,13 @@ def load_compact(path: str) -> tuple[ArchSpec, dict]:
             except ValueError as e:
                 raise ValueError(f"{path}: weights do not match spec.json: {e}") from e
     return spec, widths.unflatten(flat)
+
+
+def export_max_length(path: str) -> int | None:
+    """The context length an export states in export.json (None for older exports)."""
+    with open(os.path.join(path, "export.json")) as f:
+        value = json.load(f).get("max_length")
+    return None if value is None else int(value)
 
 
 def load_export_tokenizer(path: str) -> Any:

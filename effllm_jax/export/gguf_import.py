@@ -110,6 +110,12 @@ def config_from_gguf(reader: Any) -> ModelConfig:
         tie_embeddings="output.weight" not in names)
 
 
+def context_length_from_gguf(reader: Any) -> int | None:
+    """llama.context_length (the context the model was trained for), if stated."""
+    value = _field(reader, "llama.context_length")
+    return None if value is None else int(value)
+
+
 def _f32(value: float) -> float:
     """The shortest decimal of a float32 metadata value (9.9999997e-06 -> 1e-05)."""
     return float(str(np.float32(value)))
@@ -222,4 +228,4 @@ def load_gguf(path: str, with_tokenizer: bool = True) -> LanguageModel:
     reader = open_gguf(path)  # parsing the metadata takes seconds: do it once
     spec, params = load_gguf_compact(path, reader)
     tokenizer = gguf_tokenizer(reader) if with_tokenizer else None
-    return LanguageModel(spec, params, tokenizer)
+    return LanguageModel(spec, params, tokenizer, max_length=context_length_from_gguf(reader))

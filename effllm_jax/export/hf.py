@@ -282,6 +282,12 @@ def load_hf_compact(path: str) -> tuple[ArchSpec, dict]:
     return spec, params
 
 
+def hf_context_length(path: str) -> int | None:
+    """max_position_embeddings of a Hugging Face directory's config.json, if it states one."""
+    value = read_hf_config(path).get("max_position_embeddings")
+    return None if value is None else int(value)
+
+
 def import_hf(path: str) -> tuple[ModelConfig, dict, Masks]:
     """A Hugging Face Llama directory as a dense pruning source: (cfg, params, full masks)."""
     spec, params = load_hf_compact(path)

@@ -1,6 +1,8 @@
 """A ready-to-score language model: compact parameters + tokenizer + a jitted forward.
 
-Export, import (HF, GGUF), generation and evaluation all meet at this one type.
+Export, import (HF, GGUF), generation and evaluation all meet at this one type. `max_length`
+is the context length the source states (GGUF `llama.context_length`, HF
+`max_position_embeddings`), carried from import to export and used by evaluation.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ class LanguageModel:
     spec: ArchSpec
     params: dict
     tokenizer: Any = None  # .encode(str) -> list[int], .decode(list[int]) -> str, .eos_id, .bos_id
+    max_length: int | None = None  # context length the source states (GGUF/HF), if any
 
     def __post_init__(self):
         self.params = jax.tree.map(jnp.asarray, self.params)
@@ -64,6 +67,7 @@ class MaskedLanguageModel:
     params: dict
     masks: dict
     tokenizer: Any = None
+    max_length: int | None = None  # context length (training: the window length)
 
     @property
     def vocab_size(self) -> int:
