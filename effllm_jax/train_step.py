@@ -23,7 +23,7 @@ from effllm_jax.pruning import groups, saliency
 from effllm_jax.pruning.schedule import PruneSchedule
 from effllm_jax.pruning.select import SelectConfig, select
 from effllm_jax import sharding
-from effllm_jax.losses import token_nll
+from effllm_jax.losses import chunked_token_nll, token_nll
 
 
 @flax.struct.dataclass
@@ -45,6 +45,7 @@ class StepConfig:
     schedule: PruneSchedule
     select: SelectConfig
     criterion: str
+    loss_chunk: int = 0  # positions of logits per piece of the loss (0: the whole sequence)
 
 
 def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int):
@@ -116,7 +117,7 @@ def train_step(state: TrainState, batch: jax.Array, *, cfg: StepConfig,
     inputs, targets = batch[:, :-1], batch[:, 1:]
 
     def loss_fn(params):
-        return cross_entropy(llama.apply(cfg.model, params, inputs, state.masks), targets)
+        return model_loss(cfg.model, params, state.masks, inputs, targets, cfg.loss_chunk)
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     # Exactly zero already (masked activations); explicit so moments of pruned weights stay 0.
@@ -145,6 +146,17 @@ def train_step(state: TrainState, batch: jax.Array, *, cfg: StepConfig,
     return state, metrics
 
 
-def eval_loss(params: dict, masks: dict, batch: jax.Array, *, cfg: ModelConfig) -> jax.Array:
+def model_loss(cfg: ModelConfig, params: dict, masks: dict, inputs: jax.Array,
+               targets: jax.Array, loss_chunk: int = 0) -> jax.Array:
+    """Mean next-token cross-entropy of the masked model, `loss_chunk` positions of logits
+    at a time (0: all at once)."""
+    hidden = llama.hidden_states(cfg, params, inputs, masks)
+    total, count = chunked_token_nll(
+        hidden, targets, lambda h: llama.logits_from_hidden(cfg, params, h), loss_chunk)
+    return total / count
+
+
+def eval_loss(params: dict, masks: dict, batch: jax.Array, *, cfg: ModelConfig,
+              loss_chunk: int = 0) -> jax.Array:
     """Mean next-token loss of the masked model on a [B, T+1] batch."""
-    return cross_entropy(llama.apply(cfg, params, batch[:, :-1], masks), batch[:, 1:])
+    return model_loss(cfg, params, masks, batch[:, :-1], batch[:, 1:], loss_chunk)

@@ -11,7 +11,9 @@ and pruned weights receive exactly zero gradient:
   hidden mask  [D]    residual-stream channels; RMSNorm statistics use kept channels only
   head mask    [L, H] query heads (a KV head is dead once all its query heads are)
   ffn mask     [L, F] SwiGLU channels
-Every parameter carries logical axis names (`axes` metadata); sharding.py maps them to the mesh.
+Every parameter carries logical axis names (`axes` metadata); sharding.py maps them to the mesh,
+and activations are constrained by the same names (`sharding.constrain`, a no-op without a mesh).
+The attention core (einsum, blockwise, fused kernels) lives in model/attention.py.
 """
 from __future__ import annotations
 
@@ -23,6 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from effllm_jax.model import attention as attention_lib
+from effllm_jax.sharding import constrain
 
 Masks = dict[str, jax.Array]  # {'hidden': [D], 'heads': [L, H], 'ffn': [L, F]}, bool
 
@@ -45,6 +50,8 @@ class ModelConfig:
     remat: str = "none"  # 'none' | 'full' | 'dots' (save matmul outputs)
     scan_layers: bool = True
     init_std: float = 0.02
+    attention: str = "auto"  # attention core, see model/attention.py KINDS
+    attention_block: int = 512  # KV block of the blockwise/splash cores
 
     @classmethod
     def from_config(cls, model_config: Any) -> "ModelConfig":
@@ -109,7 +116,8 @@ class Attention(nnx.Module):
     """Causal GQA self-attention; `kv_index[h]` names the KV head that query head h reads."""
 
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 kv_index: tuple[int, ...], init_std: float, out_std: float, *, rngs: nnx.Rngs):
+                 kv_index: tuple[int, ...], init_std: float, out_std: float, *, rngs: nnx.Rngs,
+                 core: str = "einsum", block: int = 512):
         self.wq = nnx.Param(_normal(rngs, (d_model, num_heads, head_dim), init_std),
                             axes=("embed", "heads", "head_dim"))
         self.wk = nnx.Param(_normal(rngs, (d_model, num_kv_heads, head_dim), init_std),
@@ -119,27 +127,25 @@ class Attention(nnx.Module):
         self.wo = nnx.Param(_normal(rngs, (num_heads, head_dim, d_model), out_std),
                             axes=("heads", "head_dim", "embed"))
         self.kv_index = tuple(int(i) for i in kv_index)
+        self.core, self.block = core, int(block)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
                  head_mask: jax.Array | None = None) -> jax.Array:
         dtype = x.dtype
-        q = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dtype))
+        heads = ("batch", None, "heads", "head_dim")
+        q = constrain(jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dtype)), heads)
         k = jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(dtype))
         v = jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(dtype))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         kv_index = np.asarray(self.kv_index, dtype=np.int32)
         k, v = jnp.take(k, kv_index, axis=2), jnp.take(v, kv_index, axis=2)
-        head_dim = q.shape[-1]
-        scores = jnp.einsum("bthk,bshk->bhts", q, k, preferred_element_type=jnp.float32)
-        scores = scores / np.sqrt(head_dim).astype(np.float32)
-        seq_len = x.shape[1]
-        causal = jnp.tril(jnp.ones((seq_len, seq_len), dtype=bool))
-        scores = jnp.where(causal[None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-        out = jnp.einsum("bhts,bshk->bthk", probs, v)
+        k, v = constrain(k, heads), constrain(v, heads)
+        out = attention_lib.causal_attention(q, k, v, self.core, self.block)
         if head_mask is not None:
             out = out * head_mask.astype(dtype)[None, None, :, None]
-        return jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dtype))
+        out = constrain(out, heads)
+        return constrain(jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dtype)),
+                         ("batch", None, "embed"))
 
 
 class MLP(nnx.Module):
@@ -156,7 +162,8 @@ class MLP(nnx.Module):
         h = jax.nn.silu(x @ self.w_gate[...].astype(dtype)) * (x @ self.w_up[...].astype(dtype))
         if ffn_mask is not None:
             h = h * ffn_mask.astype(dtype)
-        return h @ self.w_down[...].astype(dtype)
+        h = constrain(h, ("batch", None, "mlp"))
+        return constrain(h @ self.w_down[...].astype(dtype), ("batch", None, "embed"))
 
 
 class Block(nnx.Module):
@@ -167,15 +174,20 @@ class Block(nnx.Module):
         out_std = cfg.init_std / np.sqrt(2 * cfg.num_layers)
         self.attn_norm = RMSNorm(d_model, cfg.norm_eps)
         self.attn = Attention(d_model, num_heads, num_kv_heads, cfg.head_dim, kv_index,
-                              cfg.init_std, out_std, rngs=rngs)
+                              cfg.init_std, out_std, rngs=rngs, core=cfg.attention,
+                              block=cfg.attention_block)
         self.mlp_norm = RMSNorm(d_model, cfg.norm_eps)
         self.mlp = MLP(d_model, ffn_dim, cfg.init_std, out_std, rngs=rngs)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
                  hidden_mask: jax.Array | None = None, head_mask: jax.Array | None = None,
                  ffn_mask: jax.Array | None = None) -> jax.Array:
+        x = constrain(x, ("batch", None, "embed"))
         x = x + self.attn(self.attn_norm(x, hidden_mask), cos, sin, head_mask)
         return x + self.mlp(self.mlp_norm(x, hidden_mask), ffn_mask)
+
+
+REMAT_POLICIES = ("none", "full", "dots")
 
 
 def _remat(fn, policy: str):
@@ -189,13 +201,17 @@ def _remat(fn, policy: str):
 
 
 def embed_tokens(embed: jax.Array, tokens: jax.Array, dtype) -> jax.Array:
-    return jnp.take(embed, tokens, axis=0).astype(dtype)
+    """Token embeddings [B, T, D] in the compute dtype, rows laid out like the batch."""
+    tokens = constrain(tokens, ("batch", None))
+    return constrain(jnp.take(embed, tokens, axis=0).astype(dtype), ("batch", None, "embed"))
 
 
 def unembed(x: jax.Array, embed: jax.Array, lm_head: jax.Array | None) -> jax.Array:
     """Logits in float32, through the tied embedding or the separate head."""
     weight = embed.T if lm_head is None else lm_head
-    return jnp.einsum("btd,dv->btv", x, weight.astype(x.dtype), preferred_element_type=jnp.float32)
+    logits = jnp.einsum("btd,dv->btv", x, weight.astype(x.dtype),
+                        preferred_element_type=jnp.float32)
+    return constrain(logits, ("batch", None, "vocab"))
 
 
 class Llama(nnx.Module):
@@ -219,7 +235,9 @@ class Llama(nnx.Module):
             self.lm_head = nnx.Param(_normal(rngs, (cfg.d_model, cfg.vocab_size), cfg.init_std),
                                      axes=("embed", "vocab"))
 
-    def __call__(self, tokens: jax.Array, masks: Masks | None = None) -> jax.Array:
+    def __call__(self, tokens: jax.Array, masks: Masks | None = None,
+                 return_hidden: bool = False) -> jax.Array:
+        """Logits [B, T, V]; or, with return_hidden, the final-norm hidden states [B, T, D]."""
         cfg = self.cfg
         dtype = cfg.compute_dtype
         hidden = None if masks is None else masks["hidden"].astype(jnp.float32)
@@ -247,6 +265,8 @@ class Llama(nnx.Module):
                 xs = jax.tree.map(lambda a: a[i], (layer_state, *layer_masks))
                 x = layer(x, *xs)
         x = self.final_norm(x, hidden)
+        if return_hidden:
+            return x
         return unembed(x, self.embed[...], None if cfg.tie_embeddings else self.lm_head[...])
 
 
@@ -288,6 +308,20 @@ def apply(cfg: ModelConfig, params: dict, tokens: jax.Array, masks: Masks | None
     state = jax.tree.map(lambda x: x, abstract_state)
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)(tokens, masks)
+
+
+def hidden_states(cfg: ModelConfig, params: dict, tokens: jax.Array,
+                  masks: Masks | None = None) -> jax.Array:
+    """Final-norm hidden states [B, T, D] (compute dtype): `apply` without the unembedding."""
+    graphdef, abstract_state = _graphdef_and_abstract_state(cfg)
+    state = jax.tree.map(lambda x: x, abstract_state)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)(tokens, masks, return_hidden=True)
+
+
+def logits_from_hidden(cfg: ModelConfig, params: dict, x: jax.Array) -> jax.Array:
+    """float32 logits of hidden states x [..., T, D]: the unembedding that `apply` ends with."""
+    return unembed(x, params["embed"], None if cfg.tie_embeddings else params["lm_head"])
 
 
 def full_masks(cfg: ModelConfig) -> Masks:
