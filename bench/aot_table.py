@@ -13,10 +13,10 @@ import json
 import os
 import sys
 
-from effllm_jax import aot  # sets TPU_SKIP_MDS_QUERY and a CPU local backend before jax loads
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "configs")]  # this checkout's package and configs
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "configs"))
+from effllm_jax import aot  # noqa: E402  (sets TPU_SKIP_MDS_QUERY, a CPU local backend)
 import smollm_1p7b  # noqa: E402
 
 

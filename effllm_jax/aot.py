@@ -158,7 +158,8 @@ def print_report(r: Report) -> None:
     print(f"per chip: arguments {r.argument_bytes / GIB:.2f} GiB, temporaries "
           f"{r.temp_bytes / GIB:.2f} GiB, outputs {r.output_bytes / GIB:.2f} GiB "
           f"({r.alias_bytes / GIB:.2f} GiB aliased to donated arguments)")
-    print(f"FLOPs per chip per step: {r.flops:.3e}")
+    print(f"FLOPs per chip per step: {r.flops:.3e} (XLA cost analysis: a scanned loop body "
+          f"counts once)")
     print("collectives: " + ", ".join(f"{k} {v}" for k, v in r.collectives.items()))
     if not r.fits:
         print(f"does not fit: {r.total_bytes / GIB:.2f} GiB per chip is "

@@ -110,3 +110,16 @@ def test_chunked_loss_never_holds_whole_logits():
 
     assert "f32[2,64,1000]" in program(0)
     assert "f32[2,64,1000]" not in program(16) and "f32[2,16,1000]" in program(16)
+
+
+def test_config_names_bad_attention_and_loss_settings():
+    from conftest import make_tiny_config
+    from effllm_jax import config as config_lib
+    for field, value, message in [("model.attention", "flash", "model.attention='flash'"),
+                                  ("model.attention_block", 0, "model.attention_block=0"),
+                                  ("train.loss_chunk", -1, "train.loss_chunk=-1")]:
+        config = make_tiny_config()
+        section, name = field.split(".")
+        config[section][name] = value
+        with pytest.raises(ValueError, match=message):
+            config_lib.validate(config, 8)
