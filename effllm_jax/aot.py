@@ -18,7 +18,6 @@ import os
 import re
 import sys
 import time
-from typing import Any
 
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server: we only describe chips
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the local backend; the TPU is only a target

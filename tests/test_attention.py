@@ -123,3 +123,20 @@ def test_config_names_bad_attention_and_loss_settings():
         config[section][name] = value
         with pytest.raises(ValueError, match=message):
             config_lib.validate(config, 8)
+
+
+def test_splash_kernel_in_interpret_mode_equals_einsum(monkeypatch):
+    """The TPU splash path (layout, scaling, causal mask), run by the Pallas interpreter on CPU."""
+    import functools
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    monkeypatch.setattr(splash, "make_splash_mha",
+                        functools.partial(splash.make_splash_mha, interpret=True))
+    q, k, v = qkv(6, batch=1, seq=128, heads=2, dim=128)
+
+    def loss(core, q):
+        return jnp.sum(core(q, k, v) ** 2)
+
+    lean = lambda q, k, v: attention.splash_attention(q, k, v, 128)
+    np.testing.assert_allclose(lean(q, k, v), attention.einsum_attention(q, k, v), atol=1e-5)
+    np.testing.assert_allclose(jax.grad(loss, argnums=1)(lean, q),
+                               jax.grad(loss, argnums=1)(attention.einsum_attention, q), atol=1e-4)
