@@ -2,7 +2,9 @@
 
 The spec is derived from the masks (host side) and carries what a reader needs without the
 weights: per-layer kept heads (and how they share KV heads), FFN widths, hidden width, live
-and dense parameter counts, progress, and the pruned ratio of each group type.
+and dense parameter counts, progress, the pruned ratio of each group type, and every pruning
+event (step, tokens, group type, layer, index, normalised saliency of each removed unit), so
+the evolution of the architecture can be plotted from the JSON alone.
 """
 from __future__ import annotations
 
@@ -14,6 +16,21 @@ import numpy as np
 
 from effllm_jax.model.llama import Masks, ModelConfig
 from effllm_jax.pruning import groups
+from effllm_jax.pruning import history as history_lib
+
+EVENT_FIELDS = ("step", "tokens", "type", "layer", "index", "saliency")
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneEvent:
+    """One unit removed at a pruning event (layer -1 for a hidden channel)."""
+
+    step: int
+    tokens: int
+    type: str  # the group type that removed it: heads, kv_groups, attn_blocks, ffn, ...
+    layer: int
+    index: int  # the head, FFN channel or hidden channel within its mask row
+    saliency: float  # its group's score / the mean score of the event's removable groups
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,11 +65,16 @@ class ArchSpec:
     dense_params: int
     step: int = 0
     tokens_seen: int = 0
+    events: tuple[PruneEvent, ...] = ()  # every unit removed so far, in event order
 
     @classmethod
     def from_masks(cls, masks: Masks, cfg: ModelConfig, step: int = 0,
-                   tokens_seen: int = 0) -> "ArchSpec":
-        """Reads a (host or device) set of masks into a spec."""
+                   tokens_seen: int = 0, history: dict | None = None) -> "ArchSpec":
+        """Reads a (host or device) set of masks (and the state's pruning history) into a spec."""
+        tokens_per_step = tokens_seen / step if step else 0
+        events = tuple(PruneEvent(s, int(round(s * tokens_per_step)), kind, layer, index, score)
+                       for s, kind, layer, index, score in
+                       (history_lib.rows(history) if history is not None else ()))
         masks = {k: np.asarray(v, bool) for k, v in masks.items()}
         heads = masks["heads"].reshape(cfg.num_layers, cfg.num_kv_heads, cfg.group_size)
         layers = tuple(
@@ -62,7 +84,7 @@ class ArchSpec:
         return cls(model=dataclasses.asdict(cfg), hidden_dim=int(masks["hidden"].sum()),
                    layers=layers, live_params=int(round(float(groups.count_params(masks, cfg)))),
                    dense_params=groups.dense_params(cfg), step=int(step),
-                   tokens_seen=int(tokens_seen))
+                   tokens_seen=int(tokens_seen), events=events)
 
     @property
     def model_config(self) -> ModelConfig:
@@ -102,11 +124,13 @@ class ArchSpec:
         out = dataclasses.asdict(self)
         out["layers"] = [{"q_per_kv": list(l.q_per_kv), "ffn_dim": l.ffn_dim} for l in self.layers]
         out["pruned_ratio"] = self.pruned_ratio()
+        # Columns (one list per field) keep a long history compact.
+        out["events"] = {f: [getattr(e, f) for e in self.events] for f in EVENT_FIELDS}
         return out
 
     def shape_key(self) -> str:
         """A string naming the architecture alone (not the run's progress): a cache key."""
-        return json.dumps(dataclasses.replace(self, step=0, tokens_seen=0).to_json(),
+        return json.dumps(dataclasses.replace(self, step=0, tokens_seen=0, events=()).to_json(),
                           sort_keys=True)
 
     @classmethod
@@ -120,7 +144,8 @@ class ArchSpec:
             spec = cls(model=dict(data["model"]), hidden_dim=int(data["hidden_dim"]),
                        layers=layers, live_params=int(data["live_params"]),
                        dense_params=int(data["dense_params"]), step=int(data.get("step", 0)),
-                       tokens_seen=int(data.get("tokens_seen", 0)))
+                       tokens_seen=int(data.get("tokens_seen", 0)),
+                       events=_events_from_json(data.get("events")))
             cfg = spec.model_config
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"malformed architecture spec: {e!r}") from e
@@ -128,3 +153,12 @@ class ArchSpec:
             raise ValueError(f"architecture spec lists {len(layers)} layers; the model has "
                              f"{cfg.num_layers}")
         return spec
+
+
+def _events_from_json(columns: dict | None) -> tuple[PruneEvent, ...]:
+    """Events from their JSON columns (specs written before events existed have none)."""
+    if not columns:
+        return ()
+    kinds = (int, int, str, int, int, float)
+    return tuple(PruneEvent(*(k(v) for k, v in zip(kinds, row)))
+                 for row in zip(*(columns[f] for f in EVENT_FIELDS)))

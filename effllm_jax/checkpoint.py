@@ -3,20 +3,22 @@
 Layout: <workdir>/checkpoints/<step>/{state,spec,data}. Saves are async and keep the last N.
 Restore reads the small JSON items first (so a reader learns the architecture without the
 weights), then the state directly onto the target shardings, which may belong to a mesh
-other than the one that saved it. No pickle anywhere.
+other than the one that saved it. No pickle anywhere. The run directory may be local or a
+gs:// URL: every path goes through effllm_jax.paths (etils.epath, as Orbax's own).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
+from effllm_jax import paths
 from effllm_jax.arch import ArchSpec
 
 CONFIG_FILE = "config.json"
@@ -26,8 +28,8 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read; nothing on disk has been changed."""
 
 
-def _directory(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
+def _directory(workdir: str) -> epath.Path:
+    return paths.join(workdir, "checkpoints")
 
 
 class Checkpointer:
@@ -99,21 +101,17 @@ def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
 
 def save_run_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     """Writes the run's config next to its checkpoints (JSON, human-readable)."""
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, CONFIG_FILE)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    os.replace(tmp, path)  # atomic: a crash never leaves a half-written config
+    text = config.to_json_best_effort(indent=2, sort_keys=True)
+    paths.write_text(paths.join(workdir, CONFIG_FILE), text)  # atomic: never half-written
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     """The config a run was started with."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.exists(path):
+    paths.check_access(workdir)  # gs:// without client or credentials: one clear line
+    path = paths.join(workdir, CONFIG_FILE)
+    if not path.exists():
         raise CheckpointError(f"{path} is missing: {workdir} is not a training run directory")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(json.loads(paths.read_text(path)))
 
 
 @dataclasses.dataclass

@@ -15,7 +15,8 @@ from effllm_jax import data as data_lib
 from effllm_jax import sharding
 from effllm_jax.model import attention
 from effllm_jax.model.llama import REMAT_POLICIES, ModelConfig
-from effllm_jax.pruning import groups, saliency, select
+from effllm_jax.pruning import select
+from effllm_jax.pruning import validate as prune_validate
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -31,12 +32,15 @@ def base_config() -> ml_collections.ConfigDict:
         warmup_steps=100,  # dense steps before the first event
         prune_steps=200,  # steps over which the budget falls linearly to the target
         every=20,  # one pruning event every N steps
-        criterion="taylor",  # taylor | fisher | taylor_fisher
+        criterion="taylor",  # taylor | taylor_acc | fisher | taylor_fisher (pruning/saliency.py)
         reduction="mean",  # mean (per live parameter) | sum
-        uniform_layers=False,  # True: equal head/FFN widths in every layer
-        group_types=("heads", "ffn", "hidden"),
-        rounds=3,
+        uniform_layers=False,  # True: equal head/KV/FFN widths and GQA grouping in every layer
+        group_types=select.DEFAULT_GROUP_TYPES,  # + kv_groups, attn_blocks, mlp_blocks
+        rounds=3,  # unused: an event's passes repeat until the budget holds
         round_to=1,  # FFN and hidden widths stay multiples of this (e.g. 8, 64, 128)
+        min_heads_per_layer=1,  # floors: only attn_blocks / mlp_blocks may empty a layer
+        min_ffn=1,
+        min_hidden=1,
     ))
     c.optim = ml_collections.ConfigDict(dict(
         lr=3e-3, min_lr_ratio=0.1, warmup_steps=50, weight_decay=0.1, b1=0.9, b2=0.95,
@@ -63,18 +67,13 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
 
 
 def select_config(config: ml_collections.ConfigDict) -> select.SelectConfig:
-    p = config.prune
-    return select.SelectConfig(reduction=p.reduction, uniform_layers=bool(p.uniform_layers),
-                               group_types=tuple(p.group_types), rounds=int(p.rounds),
-                               round_to=int(p.round_to))
+    """How the run's pruning events choose what to remove."""
+    return prune_validate.select_config(config.prune)
 
 
 def target_params(config: ml_collections.ConfigDict) -> int:
     """The absolute live-parameter budget of a run."""
-    dense = groups.dense_params(model_config(config))
-    if config.prune.target_params:
-        return int(config.prune.target_params)
-    return int(dense * float(config.prune.target_fraction))
+    return prune_validate.target_params(config.prune, model_config(config))
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
@@ -93,32 +92,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     if m.remat not in REMAT_POLICIES:
         raise ValueError(f"model.remat={m.remat!r}; expected one of {REMAT_POLICIES}")
     attention.check_kind(m.attention, m.attention_block)
-    cfg = model_config(config)
-    p = config.prune
-    dense = groups.dense_params(cfg)
-    target = target_params(config)
-    if not p.target_params and not 0.0 < p.target_fraction <= 1.0:
-        raise ValueError(f"prune.target_fraction={p.target_fraction} must be in (0, 1]")
-    if target > dense:
-        raise ValueError(f"prune target ({target:,} params) is larger than the source model "
-                         f"({dense:,} params)")
-    if target < cfg.vocab_size:
-        raise ValueError(f"prune target ({target:,} params) cannot fit: a model with even one "
-                         f"hidden channel keeps vocab_size={cfg.vocab_size:,} embedding params")
-    for name in ("warmup_steps", "prune_steps", "every"):
-        if int(p[name]) < (0 if name == "warmup_steps" else 1):
-            raise ValueError(f"prune.{name}={p[name]} is out of range")
-    if int(p.round_to) < 1 or int(p.rounds) < 1:
-        raise ValueError(f"prune.round_to={p.round_to} and prune.rounds={p.rounds} must be >= 1")
-    if p.criterion not in saliency.CRITERIA:
-        raise ValueError(f"prune.criterion={p.criterion!r}; expected one of {saliency.CRITERIA}")
-    if p.reduction not in select.REDUCTIONS:
-        raise ValueError(f"prune.reduction={p.reduction!r}; expected one of {select.REDUCTIONS}")
-    unknown = set(p.group_types) - set(select.GROUP_TYPES)
-    if unknown:
-        raise ValueError(f"prune.group_types has unknown {sorted(unknown)}; "
-                         f"known: {select.GROUP_TYPES}")
     t = config.train
+    prune_validate.validate_prune(config.prune, model_config(config), int(t.steps))
     if t.steps < 1 or t.global_batch < 1 or t.seq_len < 2:
         raise ValueError("train.steps, train.global_batch must be >= 1 and train.seq_len >= 2")
     if int(t.loss_chunk) < 0:

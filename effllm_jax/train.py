@@ -3,12 +3,15 @@ r"""Pruning-aware pretraining: the training loop. Reads top to bottom.
   python -m effllm_jax.train --config=configs/tiny.py --workdir=runs/tiny \
       [--config.prune.target_fraction=0.3 ...]
 
-Re-running with the same --workdir resumes from its latest checkpoint, on any mesh.
+Re-running with the same --workdir resumes from its latest checkpoint, on any mesh. The
+workdir may be local or gs://bucket/run (effllm_jax.paths); several processes start with
+--coordinator_address/--num_processes/--process_id or EFFLLM_DISTRIBUTED=1 (effllm_jax.distributed).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import sys
 import time
@@ -20,7 +23,7 @@ import numpy as np
 from effllm_jax import checkpoint as ckpt_lib
 from effllm_jax import config as config_lib
 from effllm_jax import data as data_lib
-from effllm_jax import mfu, sharding
+from effllm_jax import distributed, mfu, paths, sharding
 from effllm_jax import train_step as ts
 from effllm_jax.arch import ArchSpec
 from effllm_jax.pruning import groups
@@ -38,7 +41,8 @@ def _step_config(config) -> ts.StepConfig:
                              warmup_steps=int(p.warmup_steps), prune_steps=int(p.prune_steps),
                              every=int(p.every))
     return ts.StepConfig(cfg, schedule, config_lib.select_config(config), p.criterion,
-                         int(config.train.loss_chunk))
+                         adam_b2=float(config.optim.b2),
+                         loss_chunk=int(config.train.loss_chunk))
 
 
 @dataclasses.dataclass
@@ -77,7 +81,8 @@ def build_trainer(config, mesh=None) -> Trainer:
     state_sh = ts.state_shardings(step_cfg, tx, mesh, rules)
     init = jax.jit(functools.partial(ts.init_state, step_cfg, tx), out_shardings=state_sh)
     # Traced inside the activation layout, so the model's `sharding.constrain` calls apply.
-    step = jax.jit(sharding.traced_under(mesh, rules, functools.partial(ts.train_step, cfg=step_cfg, tx=tx)),
+    step = jax.jit(sharding.traced_under(mesh, rules,
+                                         functools.partial(ts.train_step, cfg=step_cfg, tx=tx)),
                    in_shardings=(state_sh, sharding.batch_sharding(mesh, rules)),
                    out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
     eval_loss = jax.jit(sharding.traced_under(mesh, rules, functools.partial(
@@ -112,16 +117,30 @@ def evaluate_zero_shot(config, state: ts.TrainState, dataset) -> dict[str, float
 
 
 class MetricWriter:
-    """Progress bar on a terminal (plain log lines otherwise) + TensorBoard; process 0 only."""
+    """Progress bar on a terminal (plain log lines otherwise), TensorBoard and metrics.jsonl
+    (one JSON line of full-precision scalars per logged step) in the run directory; process 0 only.
+
+    The metrics file is rewritten whole (local or gs://) at most every FLUSH_S seconds, at each
+    checkpoint and at the end; a resumed run keeps the lines up to its checkpoint.
+    """
 
     SHOWN = ("loss", "eval_loss", "tok/s", "mfu", "live_M", "pruned")
+    METRICS_FILE = "metrics.jsonl"
+    FLUSH_S = 60.0
 
-    def __init__(self, workdir: str, total: int, start: int, enabled: bool):
+    def __init__(self, workdir: str, total: int, start: int, enabled: bool,
+                 tokens_per_step: int = 0):
         self.enabled = enabled
+        self.tokens_per_step = tokens_per_step
         self.bar = self.tb = None
+        self.lines: list[str] = []
         if enabled:
-            from tensorboardX import SummaryWriter
-            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self.tb = paths.summary_writer(paths.join(workdir, "tensorboard"))
+            self.metrics_path = paths.join(workdir, self.METRICS_FILE)
+            if start and self.metrics_path.exists():  # the steps a resumed run does not redo
+                self.lines = [line for line in paths.read_text(self.metrics_path).splitlines()
+                              if line.strip() and json.loads(line).get("step", 0) <= start]
+            self.flushed = time.monotonic()
             if sys.stdout.isatty():
                 from tqdm import tqdm
                 self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
@@ -131,6 +150,10 @@ class MetricWriter:
             return
         for name, value in scalars.items():
             self.tb.add_scalar(name, value, step)
+        self.lines.append(json.dumps({"step": step, "tokens": step * self.tokens_per_step,
+                                      **scalars}, default=float))
+        if time.monotonic() - self.flushed > self.FLUSH_S:
+            self.flush()
         if quiet:
             return
         shown = {k: f"{scalars[k]:.4g}" for k in self.SHOWN if k in scalars}
@@ -147,10 +170,18 @@ class MetricWriter:
         if self.enabled:
             (self.bar.write if self.bar is not None else print)(text)
 
+    def flush(self) -> None:
+        """Writes the metrics file and TensorBoard's pending events out."""
+        if self.enabled:
+            paths.write_text(self.metrics_path, "".join(line + "\n" for line in self.lines))
+            self.tb.flush()
+            self.flushed = time.monotonic()
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
         if self.tb is not None:
+            self.flush()
             self.tb.close()
 
 
@@ -160,10 +191,13 @@ def run(config, workdir: str) -> tuple[ts.TrainState, ArchSpec]:
     config_lib.validate(config, jax.device_count())
     cfg, t = config_lib.model_config(config), config.train
     is_main = jax.process_index() == 0
+    paths.check_access(workdir)  # a gs:// workdir without client or credentials: say so now
+    distributed.check_shared_run_dir(workdir)  # per-host local folders would hang in Orbax
 
     # ---------------------------------------------------------------- input
     dataset = data_lib.build_dataset(config.data, seq_len=t.seq_len, global_batch=t.global_batch,
-                                     seed=t.seed, workdir=workdir)
+                                     seed=t.seed, workdir=workdir,
+                                     process_index=jax.process_index(), barrier=distributed.barrier)
     if dataset.vocab_size > cfg.vocab_size:
         raise ValueError(f"the tokenizer has {dataset.vocab_size} tokens but model.vocab_size="
                          f"{cfg.vocab_size}; raise model.vocab_size")
@@ -199,14 +233,17 @@ def run(config, workdir: str) -> tuple[ts.TrainState, ArchSpec]:
 
     def arch_spec(state, step) -> ArchSpec:
         return ArchSpec.from_masks(jax.device_get(state.masks), cfg, step,
-                                   step * t.global_batch * t.seq_len)
+                                   step * t.global_batch * t.seq_len,
+                                   jax.device_get(state.history))
+
+    writer = MetricWriter(workdir, t.steps, start, is_main, t.global_batch * t.seq_len)
 
     def save(state, step):
         ckpt.save(step, state, arch_spec(state, step), {"step": step, "seed": t.seed,
                                                          "kind": config.data.kind})
+        writer.flush()
 
     # ---------------------------------------------------------------- loop
-    writer = MetricWriter(workdir, t.steps, start, is_main)
     peak = mfu.peak_flops_per_device(t.peak_flops_per_device)
     tokens_per_step = t.global_batch * t.seq_len
     dense_flops = mfu.flops_per_token(arch_spec(state, start), t.seq_len, dense=True)
@@ -272,15 +309,24 @@ def main(argv) -> None:
     del argv
     from absl import flags, logging
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
-    if os.environ.get("EFFLLM_DISTRIBUTED") == "1":  # set by launch/tpu_pod.sh on every worker
-        jax.distributed.initialize()
-    config = flags.FLAGS.config
-    workdir = flags.FLAGS.workdir
-    _, spec = run(config, workdir)
+    f = flags.FLAGS
+    try:
+        distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
+        if jax.process_index() != 0:  # one process logs for the run
+            logging.set_verbosity(logging.ERROR)
+        _, spec = run(f.config, f.workdir)
+    except (paths.PathError, distributed.DistributedError) as e:
+        sys.exit(f"effllm_jax.train: {e}")
     if jax.process_index() == 0:
         print("\nArchitecture found by pruning-aware pretraining:")
         print(spec.summary())
-        print(f"checkpoints: {os.path.join(os.path.abspath(workdir), 'checkpoints')}")
+        print(f"checkpoints: {paths.join(f.workdir, 'checkpoints')}")
+        from effllm_jax import plot  # late: matplotlib is only needed here
+        try:
+            written = plot.plot_run(f.workdir, spec=spec.to_json())
+            print(f"plots: {os.path.dirname(written[0])}")
+        except Exception as e:  # a plot must never fail a finished run
+            print(f"warning: plots not written: {e}", file=sys.stderr)
 
 
 def cli() -> None:
@@ -289,7 +335,14 @@ def cli() -> None:
     from ml_collections import config_flags
     config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "experiment config file",
                                     lock_config=True)
-    flags.DEFINE_string("workdir", "runs/default", "run directory (resumes if it has checkpoints)")
+    flags.DEFINE_string("workdir", "runs/default",
+                        "run directory, local or gs://bucket/run (resumes if it has checkpoints)")
+    flags.DEFINE_string("coordinator_address", None, "multi-host: process 0's HOST:PORT "
+                        "(or $EFFLLM_COORDINATOR_ADDRESS); TPU pods: EFFLLM_DISTRIBUTED=1 instead")
+    flags.DEFINE_integer("num_processes", None, "multi-host: number of processes "
+                         "(or $EFFLLM_NUM_PROCESSES)")
+    flags.DEFINE_integer("process_id", None, "multi-host: this process, 0..num_processes-1 "
+                         "(or $EFFLLM_PROCESS_ID)")
     app.run(main)
 
 

@@ -1,21 +1,15 @@
 #!/usr/bin/env bash
-# Multi-host TPU pod run: the same command on every worker at once; each calls
-# jax.distributed.initialize() (EFFLLM_DISTRIBUTED=1), reads only its rows of every batch,
-# and Orbax writes one checkpoint to the shared --workdir (use a gs:// bucket).
+# Multi-host TPU pod runs: create a TPU VM (or queued resource), ship the current commit to every
+# worker, install it once, start the trainer detached on all workers at once (each calls
+# jax.distributed.initialize(), EFFLLM_DISTRIBUTED=1), and watch, stop or delete it.
 #
-#   launch/tpu_pod.sh TPU_NAME ZONE configs/smollm_1p7b.py:134m gs://BUCKET/runs/134m [overrides...]
+#   launch/tpu_pod.sh create my-tpu --zone=us-east5-b --accelerator-type=v5litepod-16 --spot
+#   launch/tpu_pod.sh launch my-tpu --zone=us-east5-b --config=configs/smollm_1p7b.py:134m \
+#       --workdir=gs://BUCKET/runs/134m [--config.x=y ...] [-- other trainer flags]
+#   launch/tpu_pod.sh {status|logs|stop|delete} my-tpu --zone=us-east5-b   [--dry-run on any]
 #
-# Re-running the same line resumes from the latest checkpoint (after a preemption, too).
+# Re-running launch on the same gs:// workdir resumes from its latest checkpoint (after a
+# preemption, too). The work is done by launch/pod.py (why Python: see its docstring).
 set -euo pipefail
-if [ $# -lt 4 ]; then
-  echo "usage: $0 TPU_NAME ZONE CONFIG WORKDIR [--config.x=y ...]" >&2
-  exit 2
-fi
-tpu=$1 zone=$2 config=$3 workdir=$4
-shift 4
-repo=${EFFLLM_REPO_DIR:-effllm-jax}
-gcloud compute tpus tpu-vm ssh "$tpu" --zone="$zone" --worker=all --command="
-  set -e
-  cd $repo && pip install -q -e . 'jax[tpu]==0.10.2'
-  EFFLLM_DISTRIBUTED=1 python -m effllm_jax.train --config=$config --workdir=$workdir $*
-"
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+exec "${PYTHON:-python3}" "$here/pod.py" "$@"

@@ -45,6 +45,7 @@ def test_cli_rejects_an_unknown_config_field(tmp_path):
 def test_resuming_with_another_model_is_refused(tmp_path):
     config = make_tiny_config(steps=8, checkpoint_every=4)  # as test_train's resume test:
     config.mesh.shape = (4, 2, 1)  # the compiled step is shared
+    config.prune.prune_steps = 6  # the last event (step 8) within train.steps
     train.run(config, str(tmp_path))
     config.model.ffn_dim = 64
     with pytest.raises(ValueError, match="holds a run of a different model"):

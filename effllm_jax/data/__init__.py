@@ -19,7 +19,7 @@ kind='synthetic' needs nothing and is meant for tests of the trainer.
 """
 from __future__ import annotations
 
-from typing import Union
+from typing import Callable, Union
 
 import ml_collections
 
@@ -49,7 +49,7 @@ def default_data_config() -> ml_collections.ConfigDict:
         "encoding_errors": "strict",  # non-UTF-8 bytes: 'strict' (error naming the file) | 'replace' | 'ignore'
         "add_bos": False,  # prepend BOS to each document (EOS always follows each document)
         "cache_dir": "",  # '' = $EFFLLM_CACHE or ~/.cache/effllm
-        "num_threads": 0,  # tokenisation threads; 0 = all cores (at most 16)
+        "num_threads": 0,  # encoding threads; 0 = all cores (at most 16); tokenizer training is fixed at 2
         "vocab_size": 256,  # kind='synthetic' only
         "tokenizer": {
             "path": "",  # an existing SentencePiece .model (or a dir holding tokenizer.model); '' = train
@@ -61,14 +61,20 @@ def default_data_config() -> ml_collections.ConfigDict:
     })
 
 
-def build_dataset(data_config, *, seq_len: int, global_batch: int, seed: int, workdir: str | None = None) -> Dataset:
-    """Builds the dataset named by `data_config.kind`; with `workdir`, stores its tokenizer there."""
+def build_dataset(data_config, *, seq_len: int, global_batch: int, seed: int, workdir: str | None = None,
+                  process_index: int = 0, barrier: Callable[[str], None] | None = None) -> Dataset:
+    """Builds the dataset named by `data_config.kind`; with `workdir`, stores its tokenizer there.
+
+    Multi-process runs pass `process_index` and a `barrier`: process 0 alone trains (or loads) the
+    tokenizer and writes the run directory's files; the others read its tokenizer from there.
+    """
     if data_config.kind == "synthetic":
         return SyntheticDataset(data_config.vocab_size, seq_len, global_batch, seed)
     if data_config.kind == "corpus":
         # Fields an older or hand-written config lacks take their defaults; unknown ones are errors.
         cfg = ml_collections.ConfigDict(_merge(default_data_config().to_dict(), _to_dict(data_config)))
-        return build_corpus_dataset(cfg, seq_len=seq_len, global_batch=global_batch, seed=seed, workdir=workdir)
+        return build_corpus_dataset(cfg, seq_len=seq_len, global_batch=global_batch, seed=seed, workdir=workdir,
+                                    process_index=process_index, barrier=barrier)
     raise ValueError(f"config.data.kind={data_config.kind!r} is not a known data source "
                      "(known: 'corpus', 'synthetic')")
 

@@ -1,4 +1,9 @@
-"""Turns `config.data` into a CorpusDataset: read, split, tokenise (all cached), then pipeline."""
+"""Turns `config.data` into a CorpusDataset: read, split, tokenise (all cached), then pipeline.
+
+With a run directory and several processes, process 0 alone resolves (trains or loads) the
+tokenizer and stores it in the run directory; after a barrier every other process reads that
+copy, so all hosts tokenise with the same bytes. Token caches stay local to each host.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -6,8 +11,9 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
+from effllm_jax import paths
 from effllm_jax.data import sources as sources_lib
 from effllm_jax.data.corpora import Document
 from effllm_jax.data.fetch import DataError, cache_root, file_lock
@@ -16,7 +22,7 @@ from effllm_jax.data.store import build_token_store, text_digest
 from effllm_jax.data.tokenizer import MODEL_FILENAME, Tokenizer, load_tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
-TOKENIZER_FORMAT = 1  # bump when train_tokenizer's fixed options change
+TOKENIZER_FORMAT = 2  # bump when train_tokenizer's fixed options change (2: fixed thread count)
 
 
 def as_tuple(value: Any) -> tuple:
@@ -28,8 +34,7 @@ def as_tuple(value: Any) -> tuple:
     return tuple(value)
 
 
-def _trained_tokenizer(tcfg: Any, docs: Sequence[Document], digests: Sequence[str], root: Path,
-                       num_threads: int | None) -> Tokenizer:
+def _trained_tokenizer(tcfg: Any, docs: Sequence[Document], digests: Sequence[str], root: Path) -> Tokenizer:
     """Trains the configured tokenizer on `docs`, or takes it from the cache if trained before."""
     options = {"format": TOKENIZER_FORMAT, "vocab_size": int(tcfg.vocab_size), "model_type": tcfg.model_type,
                "character_coverage": float(tcfg.character_coverage), "max_sentences": int(tcfg.max_sentences)}
@@ -46,16 +51,16 @@ def _trained_tokenizer(tcfg: Any, docs: Sequence[Document], digests: Sequence[st
         log.info("training a %s tokenizer (vocab %d) on %d documents", tcfg.model_type, tcfg.vocab_size, len(docs))
         tok = train_tokenizer([d.text for d in docs], vocab_size=int(tcfg.vocab_size), model_type=tcfg.model_type,
                               character_coverage=float(tcfg.character_coverage),
-                              max_sentences=int(tcfg.max_sentences), num_threads=num_threads)
+                              max_sentences=int(tcfg.max_sentences))
         tok.source = f"trained:{tcfg.model_type}:{tcfg.vocab_size}:{key}"
         tok.save(path)
         return tok
 
 
 def resolve_tokenizer(tcfg: Any, docs: Sequence[Document], digests: Sequence[str], root: Path,
-                      workdir: str | None, num_threads: int | None) -> Tokenizer:
+                      workdir: str | None) -> Tokenizer:
     """The run's tokenizer: the one already in `workdir` (a resumed run), else configured/trained."""
-    own = Path(workdir) / MODEL_FILENAME if workdir else None
+    own = paths.join(workdir, MODEL_FILENAME) if workdir else None
     if own is not None and own.is_file():
         tok = load_tokenizer(own)
         if tcfg.path and load_tokenizer(tcfg.path).sha256 != tok.sha256:
@@ -68,7 +73,27 @@ def resolve_tokenizer(tcfg: Any, docs: Sequence[Document], digests: Sequence[str
         return tok
     if tcfg.path:
         return load_tokenizer(tcfg.path)
-    return _trained_tokenizer(tcfg, docs, digests, root, num_threads)
+    return _trained_tokenizer(tcfg, docs, digests, root)
+
+
+def _shared_tokenizer(tcfg: Any, docs: Sequence[Document], digests: Sequence[str], root: Path,
+                      workdir: str | None, process_index: int,
+                      barrier: Callable[[str], None] | None) -> Tokenizer:
+    """The run's tokenizer, resolved by process 0 alone and read from `workdir` by the others."""
+    if not workdir or barrier is None:
+        return resolve_tokenizer(tcfg, docs, digests, root, workdir)
+    if process_index == 0:
+        tokenizer = resolve_tokenizer(tcfg, docs, digests, root, workdir)
+        tokenizer.save(workdir)
+    barrier("tokenizer")
+    if process_index == 0:
+        return tokenizer
+    own = paths.join(workdir, MODEL_FILENAME)
+    if not own.is_file():
+        raise DataError(f"{own} is missing although process 0 has stored the run's tokenizer: "
+                        "the run directory is not shared between the processes")
+    log.info("using the tokenizer process 0 stored in %s", own)
+    return load_tokenizer(own)
 
 
 def _weights(config_weights: Any, train: dict[str, Any]) -> dict[str, float]:
@@ -89,8 +114,13 @@ def _weights(config_weights: Any, train: dict[str, Any]) -> dict[str, float]:
 
 
 def build_corpus_dataset(cfg: Any, *, seq_len: int, global_batch: int, seed: int,
-                         workdir: str | None = None) -> CorpusDataset:
-    """Builds the real-text dataset described by `cfg` (= config.data with kind='corpus')."""
+                         workdir: str | None = None, process_index: int = 0,
+                         barrier: Callable[[str], None] | None = None) -> CorpusDataset:
+    """Builds the real-text dataset described by `cfg` (= config.data with kind='corpus').
+
+    With `workdir`, process 0 stores the tokenizer and data.json there; given a `barrier`
+    (a multi-process run), the other processes wait for it and read the stored tokenizer.
+    """
     if seq_len < 1 or global_batch < 1:
         raise ValueError(f"seq_len ({seq_len}) and global_batch ({global_batch}) must be positive")
     if cfg.encoding_errors not in ("strict", "replace", "ignore"):
@@ -110,8 +140,8 @@ def build_corpus_dataset(cfg: Any, *, seq_len: int, global_batch: int, seed: int
     held_digests = {spec: [text_digest(d.text) for d in ds] for spec, ds in heldout.items()}
 
     all_train = [d for spec in specs for d in train[spec]]
-    tokenizer = resolve_tokenizer(cfg.tokenizer, all_train, [h for spec in specs for h in digests[spec]],
-                                  root, workdir, threads)
+    tokenizer = _shared_tokenizer(cfg.tokenizer, all_train, [h for spec in specs for h in digests[spec]],
+                                  root, workdir, process_index, barrier)
     train_stores = {spec: build_token_store(train[spec], tokenizer, root, digests=digests[spec],
                                             add_bos=cfg.add_bos, num_threads=threads) for spec in specs}
     held_stores = {spec: build_token_store(heldout[spec], tokenizer, root, digests=held_digests[spec],
@@ -128,6 +158,6 @@ def build_corpus_dataset(cfg: Any, *, seq_len: int, global_batch: int, seed: int
     if not held_stores:
         log.warning("no held-out documents (config.data.heldout=%s): validation_batches yields nothing",
                     cfg.heldout)
-    if workdir:
+    if workdir and process_index == 0:
         ds.save(workdir)
     return ds

@@ -21,7 +21,8 @@ from typing import Any, Iterator, Sequence
 import grain
 import numpy as np
 
-from effllm_jax.data.fetch import DataError, atomic_write_bytes
+from effllm_jax import paths
+from effllm_jax.data.fetch import DataError
 from effllm_jax.data.store import TokenStore
 from effllm_jax.data.tokenizer import Tokenizer
 
@@ -196,7 +197,6 @@ class CorpusDataset:
 
     def save(self, workdir: str | Path) -> None:
         """Stores the tokenizer and a JSON description of the data in the run directory."""
-        workdir = Path(workdir)
         self.tokenizer.save(workdir)
-        atomic_write_bytes(workdir / "data.json", json.dumps(self.describe(), indent=1, default=str).encode())
+        paths.write_text(paths.join(workdir, "data.json"), json.dumps(self.describe(), indent=1, default=str))
 

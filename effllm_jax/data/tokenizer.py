@@ -6,7 +6,12 @@ newlines are ordinary characters that BPE may merge ('.\\n\\n'). Ids: <unk>=0, <
 no pad piece (windows are packed, nothing is padded).
 
 A tokenizer is identified by the SHA-256 of its serialised model; `save()` copies it into a run
-directory so that a checkpoint carries the exact tokenizer it was trained with.
+directory (local or gs://, through effllm_jax.paths) so that a checkpoint carries the exact
+tokenizer it was trained with.
+
+Training is deterministic: SentencePiece's trainer gives a different model for each thread count
+(it splits its work per thread), so it always runs on TRAINING_THREADS threads, whatever the
+machine has: the same text and options give byte-identical models everywhere.
 """
 from __future__ import annotations
 
@@ -20,11 +25,14 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import sentencepiece as spm
 
-from effllm_jax.data.fetch import DataError, atomic_write_bytes
+from effllm_jax import paths
+from effllm_jax.data.fetch import DataError
 
 MODEL_FILENAME = "tokenizer.model"
 # Documents longer than this are encoded in pieces (bounded memory, parallel threads).
 MAX_PIECE_CHARS = 1 << 14
+# SentencePiece training threads, fixed: the model depends on the count (2 = what the demo used).
+TRAINING_THREADS = 2
 _SAFE_SPLIT = re.compile(r"(?<=\S) (?=\S)")  # a lone space between words: a piece boundary
 
 
@@ -77,15 +85,16 @@ class Tokenizer:
     def id_to_piece(self, token_id: int) -> str:
         return self._sp.id_to_piece(int(token_id))
 
-    def save(self, path: str | os.PathLike) -> Path:
+    def save(self, path: str | os.PathLike) -> os.PathLike:
         """Writes the model as `path/tokenizer.model` (or to `path` if it ends in .model).
 
         Only the .model file is written (no JSON beside it): a Hugging Face export directory
         treats `tokenizer.json` as its own format, and the run's `data.json` records the ids.
+        `path` may be local or a URL (gs://...); returns the file written.
         """
-        path = Path(path)
+        path = paths.run_path(path) if paths.is_remote(path) else Path(path)
         model_path = path if path.suffix == ".model" else path / MODEL_FILENAME
-        atomic_write_bytes(model_path, self.model_proto)
+        paths.write_bytes(model_path, self.model_proto)
         return model_path
 
     # -- bulk encoding for pre-tokenisation ---------------------------------------------
@@ -130,8 +139,11 @@ class Tokenizer:
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """Loads a SentencePiece model: a .model file, or a directory with tokenizer.model (or one *.model)."""
-    path = Path(path).expanduser()
+    """Loads a SentencePiece model: a .model file, or a directory with tokenizer.model (or one *.model).
+
+    `path` may be local or a URL (gs://...).
+    """
+    path = paths.run_path(path) if paths.is_remote(path) else Path(path).expanduser()
     if path.is_dir():
         candidates = sorted(path.glob("*.model"))
         path = path / MODEL_FILENAME if (path / MODEL_FILENAME).is_file() or len(candidates) != 1 else candidates[0]
@@ -166,8 +178,11 @@ def training_sentences(texts: Iterable[str], max_chars: int = 2000) -> Iterator[
 
 def train_tokenizer(texts: Sequence[str], *, vocab_size: int, model_type: str = "bpe",
                     character_coverage: float = 0.9995, max_sentences: int = 2_000_000,
-                    num_threads: int | None = None, seed: int = 0) -> Tokenizer:
-    """Trains a SentencePiece model (BPE or unigram, byte fallback, EOS=2) on `texts`."""
+                    seed: int = 0) -> Tokenizer:
+    """Trains a SentencePiece model (BPE or unigram, byte fallback, EOS=2) on `texts`.
+
+    Deterministic: the same texts and options give byte-identical models on any machine.
+    """
     if model_type not in ("bpe", "unigram"):
         raise DataError(f"tokenizer model_type must be 'bpe' or 'unigram', got {model_type!r}")
     model = io.BytesIO()
@@ -179,7 +194,7 @@ def train_tokenizer(texts: Sequence[str], *, vocab_size: int, model_type: str = 
             normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
             split_digits=True, allow_whitespace_only_pieces=True, max_sentence_length=16384,
             unk_id=0, bos_id=1, eos_id=2, pad_id=-1, input_sentence_size=max_sentences,
-            shuffle_input_sentence=True, num_threads=_threads(num_threads), minloglevel=2)
+            shuffle_input_sentence=True, num_threads=TRAINING_THREADS, minloglevel=2)
     except RuntimeError as e:
         raise DataError(f"SentencePiece training failed for vocab_size={vocab_size} on "
                         f"{sum(map(len, texts))} characters ({e}); adjust config.data.tokenizer.vocab_size: "

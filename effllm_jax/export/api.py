@@ -5,14 +5,18 @@ training workdir, a compact Flax export, a Hugging Face directory or a .gguf fil
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
 import os
+import shutil
+import tempfile
 from typing import Any, Literal
 
 import jax
 import numpy as np
 
+from effllm_jax import paths
 from effllm_jax.arch import ArchSpec
 from effllm_jax.export import flax_io, gguf_import, hf, tokenizer_io, widths
 from effllm_jax.model.compact import slice_params
@@ -51,7 +55,20 @@ def load_run(workdir: str, step: int | None = None) -> tuple[ArchSpec, dict, str
 
 
 def run_tokenizer_path(workdir: str) -> str | None:
-    """Where a run keeps its tokenizer (data.Dataset.save writes tokenizer.model), or None."""
+    """Where a run keeps its tokenizer (data.Dataset.save writes tokenizer.model), or None.
+
+    A gs:// run's tokenizer is first copied into a local temporary directory.
+    """
+    if paths.is_remote(workdir):
+        remote = paths.join(workdir, "tokenizer.model")
+        if not remote.exists():
+            return None
+        staging = tempfile.mkdtemp(prefix="effllm-tokenizer-")
+        atexit.register(shutil.rmtree, staging, ignore_errors=True)
+        local = os.path.join(staging, "tokenizer.model")
+        with open(local, "wb") as f:
+            f.write(paths.read_bytes(remote))
+        return local
     for name in ("tokenizer", "tokenizer.model"):
         path = os.path.join(workdir, name)
         if os.path.exists(path):
@@ -81,7 +98,9 @@ def load_exported(path: str) -> LanguageModel:
 
 
 def load_language_model(path: str, step: int | None = None) -> LanguageModel:
-    """Any model we can read: training workdir, flax/hf export directory, or .gguf file."""
+    """Any model we can read: a training workdir (local or gs://), an export, or a .gguf file."""
+    if paths.is_remote(path):  # only training runs live at URLs
+        return _load_run_model(path, step)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no model at {path}")
     if os.path.isfile(path):
@@ -90,6 +109,10 @@ def load_language_model(path: str, step: int | None = None) -> LanguageModel:
         raise ValueError(f"{path} is a file but not GGUF; pass a directory for other formats")
     if flax_io.is_compact_export(path) or hf.is_hf_dir(path):
         return load_exported(path)
+    return _load_run_model(path, step)
+
+
+def _load_run_model(path: str, step: int | None) -> LanguageModel:
     spec, params, tok_path = load_run(path, step)
     tokenizer = tokenizer_io.load_tokenizer(tok_path) if tok_path else None
     return _language_model(spec, params, tokenizer, path)
@@ -124,7 +147,8 @@ def export_model(out_dir: str, spec: ArchSpec, params: dict, fmt: Format = "flax
 def export_run(source: str, out_dir: str, fmt: Format = "flax", *, step: int | None = None,
                **options: Any) -> list[str]:
     """Exports a training workdir (or any model `load_language_model` reads) to `out_dir`."""
-    if os.path.isdir(source) and not (flax_io.is_compact_export(source) or hf.is_hf_dir(source)):
+    if paths.is_remote(source) or (os.path.isdir(source) and not (
+            flax_io.is_compact_export(source) or hf.is_hf_dir(source))):
         spec, params, tok_path = load_run(source, step)
         tokenizer = None
         if tok_path is not None:
