@@ -30,8 +30,8 @@ def test_core_equals_einsum_forward_and_gradient(kind, block):
     reference = lambda q, k, v: attention.einsum_attention(q, k, v)
     lean = lambda q, k, v: attention.causal_attention(q, k, v, kind, block)
     np.testing.assert_allclose(lean(q, k, v), reference(q, k, v), atol=2e-6, rtol=1e-5)
-    want = jax.grad(loss, argnums=(1, 2, 3))(reference, q, k, v)
-    got = jax.grad(loss, argnums=(1, 2, 3))(lean, q, k, v)
+    grad = jax.jit(jax.grad(loss, argnums=(1, 2, 3)), static_argnums=0)
+    want, got = grad(reference, q, k, v), grad(lean, q, k, v)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, atol=2e-5, rtol=1e-4)
 
@@ -68,9 +68,11 @@ def test_model_with_head_masks_and_gqa_matches_einsum_model(kind):
     def loss(cfg, p):
         return jnp.sum(jnp.sin(llama.apply(cfg, p, tokens, masks)))
 
-    np.testing.assert_allclose(llama.apply(lean_cfg, params, tokens, masks),
-                               llama.apply(CFG, params, tokens, masks), atol=1e-5)
-    want, got = jax.grad(lambda p: loss(CFG, p))(params), jax.grad(lambda p: loss(lean_cfg, p))(params)
+    apply = jax.jit(llama.apply, static_argnums=0)
+    np.testing.assert_allclose(apply(lean_cfg, params, tokens, masks),
+                               apply(CFG, params, tokens, masks), atol=1e-5)
+    grad = jax.jit(jax.grad(loss, argnums=1), static_argnums=0)
+    want, got = grad(CFG, params), grad(lean_cfg, params)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-4)
     dead = ~masks["heads"][0]  # pruned heads still get exactly zero gradient
@@ -93,8 +95,8 @@ def test_chunked_cross_entropy_equals_full(chunk):
         return total / count
 
     np.testing.assert_allclose(chunked(hidden, weight), full(hidden, weight), rtol=1e-6)
-    for g, w in zip(jax.grad(chunked, argnums=(0, 1))(hidden, weight),
-                    jax.grad(full, argnums=(0, 1))(hidden, weight)):
+    for g, w in zip(jax.jit(jax.grad(chunked, argnums=(0, 1)))(hidden, weight),
+                    jax.jit(jax.grad(full, argnums=(0, 1)))(hidden, weight)):
         np.testing.assert_allclose(g, w, atol=1e-6, rtol=1e-5)
 
 
