@@ -13,7 +13,8 @@ import ml_collections
 
 from effllm_jax import data as data_lib
 from effllm_jax import distill, phases, sharding
-from effllm_jax.model.llama import ModelConfig
+from effllm_jax.model import attention
+from effllm_jax.model.llama import REMAT_POLICIES, ModelConfig
 from effllm_jax.pruning import select
 from effllm_jax.pruning import validate as prune_validate
 
@@ -68,7 +69,8 @@ def base_config() -> ml_collections.ConfigDict:
         eval_batches=8,
         eval_tasks=(),  # zero-shot tasks scored during training, e.g. ('arc_easy', 'piqa')
         eval_tasks_every=0,  # every N steps and at the end (0: never)
-        eval_tasks_limit=200))  # first N items of each task
+        eval_tasks_limit=200,  # first N items of each task
+        loss_chunk=512))  # positions of logits per piece of the loss (0: whole sequence at once)
     c.mesh = ml_collections.ConfigDict(dict(
         shape=(-1, 1, 1),  # (data, fsdp, tensor); one -1 fills the remaining devices
         rules=sharding.DEFAULT_RULES,
@@ -111,8 +113,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         raise ValueError(f"model.head_dim={m.head_dim} must be even for RoPE")
     if m.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"model.dtype={m.dtype!r}; expected 'float32' or 'bfloat16'")
-    if m.remat not in ("none", "full", "dots"):
-        raise ValueError(f"model.remat={m.remat!r}; expected 'none', 'full' or 'dots'")
+    if m.remat not in REMAT_POLICIES:
+        raise ValueError(f"model.remat={m.remat!r}; expected one of {REMAT_POLICIES}")
+    attention.check_kind(m.attention, m.attention_block)
     t = config.train
     cfg = model_config(config)
     prune_validate.validate_prune(config.prune, cfg, int(t.steps))
@@ -120,6 +123,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         raise ValueError("train.steps, train.global_batch must be >= 1 and train.seq_len >= 2")
     phases.validate_config(config)
     distill.validate_config(config, cfg)
+    if int(t.loss_chunk) < 0:
+        raise ValueError(f"train.loss_chunk={t.loss_chunk} must be >= 0 (0: whole sequence)")
     if t.eval_tasks_every:
         if not t.eval_tasks:
             raise ValueError(f"train.eval_tasks_every={t.eval_tasks_every} but train.eval_tasks "

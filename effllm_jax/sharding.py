@@ -3,10 +3,18 @@
 Model code names axes logically ('embed', 'heads', 'mlp', ...); the config's `mesh.rules`
 maps each name to mesh axes of the ('data', 'fsdp', 'tensor') mesh. A dimension that a mesh
 axis does not divide is replicated along it instead (e.g. 3 KV heads on 4 tensor shards).
+
+Activations follow the same table: the trainer traces its step inside
+`activation_sharding(mesh, rules)`, and model code calls `constrain(x, axes)` on its
+activations (batch rows over ('data', 'fsdp'), so under FSDP each chip computes only its own
+rows). Outside that context `constrain` is the identity (single-device eval, export).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+import threading
 from typing import Any, Sequence
 
 import jax
@@ -104,3 +112,71 @@ def batch_shards(mesh: Mesh, rules=DEFAULT_RULES) -> int:
 def global_batch_array(local_rows: np.ndarray, mesh: Mesh, rules=DEFAULT_RULES) -> jax.Array:
     """Assembles the global batch from this process's rows (multi-host safe)."""
     return jax.make_array_from_process_local_data(batch_sharding(mesh, rules), local_rows)
+
+
+# ----------------------------------------------------------------------------------------
+# Activation sharding: a context set around tracing, read by the model code.
+# ----------------------------------------------------------------------------------------
+
+_ACTIVE = threading.local()
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules=DEFAULT_RULES):
+    """Within this context, `constrain` lays activations out on `mesh` by `rules`."""
+    previous = getattr(_ACTIVE, "layout", None)
+    _ACTIVE.layout = (mesh, tuple((k, v) for k, v in rules))
+    try:
+        yield
+    finally:
+        _ACTIVE.layout = previous
+
+
+def traced_under(mesh: Mesh, rules, fn):
+    """`fn` that runs (and so is traced by jit) inside `activation_sharding(mesh, rules)`."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with activation_sharding(mesh, rules):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+def current_mesh() -> Mesh | None:
+    """The mesh of the enclosing `activation_sharding` context, if any."""
+    layout = getattr(_ACTIVE, "layout", None)
+    return None if layout is None else layout[0]
+
+
+def current_rules() -> tuple:
+    """The rules of the enclosing `activation_sharding` context (DEFAULT_RULES outside one)."""
+    layout = getattr(_ACTIVE, "layout", None)
+    return DEFAULT_RULES if layout is None else layout[1]
+
+
+def current_platform() -> str:
+    """Platform the traced code will run on: the context mesh's devices, else the default."""
+    mesh = current_mesh()
+    return jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
+
+
+def activation_spec(axes: Sequence[str | None], shape: Sequence[int]) -> P | None:
+    """PartitionSpec of an activation in the current context (None outside one)."""
+    layout = getattr(_ACTIVE, "layout", None)
+    if layout is None:
+        return None
+    mesh, rules = layout
+    return logical_to_spec(axes, shape, mesh, rules)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint on an activation by logical axes; the identity outside a context."""
+    layout = getattr(_ACTIVE, "layout", None)
+    if layout is None:
+        return x
+    if len(axes) != x.ndim:
+        raise ValueError(f"constrain: {len(axes)} axis names {tuple(axes)} for shape {x.shape}")
+    mesh, rules = layout
+    return jax.lax.with_sharding_constraint(
+        x, NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh, rules)))

@@ -44,6 +44,7 @@ def _step_config(config) -> ts.StepConfig:
     return ts.StepConfig(cfg, schedule, config_lib.select_config(config), p.criterion,
                          adam_b2=float(config.optim.b2),
                          distill=distill.step_config(config, cfg),
+                         loss_chunk=int(config.train.loss_chunk),
                          **config_lib.compensation_fields(config))
 
 
@@ -83,10 +84,13 @@ def build_trainer(config, mesh=None) -> Trainer:
                                         phases_lib.lr_schedule(config))
     state_sh = ts.state_shardings(step_cfg, tx, mesh, rules)
     init = jax.jit(functools.partial(ts.init_state, step_cfg, tx), out_shardings=state_sh)
-    step = jax.jit(functools.partial(ts.train_step, cfg=step_cfg, tx=tx),
+    # Traced inside the activation layout, so the model's `sharding.constrain` calls apply.
+    step = jax.jit(sharding.traced_under(mesh, rules,
+                                         functools.partial(ts.train_step, cfg=step_cfg, tx=tx)),
                    in_shardings=(state_sh, sharding.batch_sharding(mesh, rules)),
                    out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
-    eval_loss = jax.jit(functools.partial(ts.eval_loss, cfg=step_cfg.model),
+    eval_loss = jax.jit(sharding.traced_under(mesh, rules, functools.partial(
+                            ts.eval_loss, cfg=step_cfg.model, loss_chunk=step_cfg.loss_chunk)),
                         in_shardings=(state_sh.params, state_sh.masks,
                                       sharding.batch_sharding(mesh, rules)))
     return Trainer(step_cfg, tx, lr_schedule, mesh, rules, state_sh, init, step, eval_loss)

@@ -27,7 +27,7 @@ from effllm_jax.pruning import compensate, groups, history, saliency
 from effllm_jax.pruning.schedule import PruneSchedule
 from effllm_jax.pruning.select import SelectConfig, select_with_record
 from effllm_jax import distill, phases, sharding
-from effllm_jax.losses import token_nll
+from effllm_jax.losses import chunked_token_nll, token_nll
 
 
 @flax.struct.dataclass
@@ -58,6 +58,7 @@ class StepConfig:
     compensation: str = "none"  # 'none' | 'obs' (pruning/compensate.py)
     damping: float = 0.01  # OBS damping, relative to mean diag H
     obs_block: int = 0  # block-diagonal H with blocks of this size (0: full)
+    loss_chunk: int = 0  # positions of logits per piece of the loss (0: the whole sequence)
 
     @property
     def stats_block(self) -> int | None:
@@ -174,10 +175,11 @@ def train_step(state: TrainState, batch: jax.Array, *, cfg: StepConfig,
 
     def loss_fn(params, stats_block=None):
         """(objective, (loss parts, the forward's input second moments when stats_block))."""
-        out = llama.apply(cfg.model, params, inputs, state.masks, stats_block)
-        logits, batch_stats = (out, {}) if stats_block is None else out
+        out = llama.hidden_states(cfg.model, params, inputs, state.masks, stats_block)
+        hidden, batch_stats = (out, {}) if stats_block is None else out
         if kd is None:
-            return cross_entropy(logits, targets), ({}, batch_stats)
+            return hidden_nll(cfg.model, params, hidden, targets, cfg.loss_chunk), ({}, batch_stats)
+        logits = llama.logits_from_hidden(cfg.model, params, hidden)
         objective, parts = distill.distill_loss(logits, teacher_logits, targets, kd.alpha,
                                                 kd.temperature, distilling)
         return objective, (parts, batch_stats)
@@ -223,6 +225,24 @@ def train_step(state: TrainState, batch: jax.Array, *, cfg: StepConfig,
     return state, metrics
 
 
-def eval_loss(params: dict, masks: dict, batch: jax.Array, *, cfg: ModelConfig) -> jax.Array:
+def model_loss(cfg: ModelConfig, params: dict, masks: dict, inputs: jax.Array,
+               targets: jax.Array, loss_chunk: int = 0) -> jax.Array:
+    """Mean next-token cross-entropy of the masked model, `loss_chunk` positions of logits
+    at a time (0: all at once)."""
+    return hidden_nll(cfg, params, llama.hidden_states(cfg, params, inputs, masks), targets,
+                      loss_chunk)
+
+
+def hidden_nll(cfg: ModelConfig, params: dict, hidden: jax.Array, targets: jax.Array,
+               loss_chunk: int) -> jax.Array:
+    """Mean next-token cross-entropy from final hidden states, unembedding `loss_chunk`
+    positions at a time, so the whole [B, T, V] logits never exist at once."""
+    total, count = chunked_token_nll(
+        hidden, targets, lambda h: llama.logits_from_hidden(cfg, params, h), loss_chunk)
+    return total / count
+
+
+def eval_loss(params: dict, masks: dict, batch: jax.Array, *, cfg: ModelConfig,
+              loss_chunk: int = 0) -> jax.Array:
     """Mean next-token loss of the masked model on a [B, T+1] batch."""
-    return cross_entropy(llama.apply(cfg, params, batch[:, :-1], masks), batch[:, 1:])
+    return model_loss(cfg, params, masks, batch[:, :-1], batch[:, 1:], loss_chunk)

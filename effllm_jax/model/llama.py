@@ -11,7 +11,9 @@ and pruned weights receive exactly zero gradient:
   hidden mask  [D]    residual-stream channels; RMSNorm statistics use kept channels only
   head mask    [L, H] query heads (a KV head is dead once all its query heads are)
   ffn mask     [L, F] SwiGLU channels
-Every parameter carries logical axis names (`axes` metadata); sharding.py maps them to the mesh.
+Every parameter carries logical axis names (`axes` metadata); sharding.py maps them to the mesh,
+and activations are constrained by the same names (`sharding.constrain`, a no-op without a mesh).
+The attention core (einsum, blockwise, fused kernels) lives in model/attention.py.
 
 With `stats_block` set, the source model also returns the summed second moments x xᵀ of the
 inputs of every linear layer whose input channels can be pruned (block-diagonal, blocks of
@@ -27,6 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from effllm_jax.model import attention as attention_lib
+from effllm_jax.sharding import constrain
 
 Masks = dict[str, jax.Array]  # {'hidden': [D], 'heads': [L, H], 'ffn': [L, F]}, bool
 
@@ -49,6 +54,8 @@ class ModelConfig:
     remat: str = "none"  # 'none' | 'full' | 'dots' (save matmul outputs)
     scan_layers: bool = True
     init_std: float = 0.02
+    attention: str = "auto"  # attention core, see model/attention.py KINDS
+    attention_block: int = 512  # KV block of the blockwise/splash cores
 
     @classmethod
     def from_config(cls, model_config: Any) -> "ModelConfig":
@@ -130,7 +137,8 @@ class Attention(nnx.Module):
     """Causal GQA self-attention; `kv_index[h]` names the KV head that query head h reads."""
 
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 kv_index: tuple[int, ...], init_std: float, out_std: float, *, rngs: nnx.Rngs):
+                 kv_index: tuple[int, ...], init_std: float, out_std: float, *, rngs: nnx.Rngs,
+                 core: str = "einsum", block: int = 512):
         self.wq = nnx.Param(_normal(rngs, (d_model, num_heads, head_dim), init_std),
                             axes=("embed", "heads", "head_dim"))
         self.wk = nnx.Param(_normal(rngs, (d_model, num_kv_heads, head_dim), init_std),
@@ -140,27 +148,25 @@ class Attention(nnx.Module):
         self.wo = nnx.Param(_normal(rngs, (num_heads, head_dim, d_model), out_std),
                             axes=("heads", "head_dim", "embed"))
         self.kv_index = tuple(int(i) for i in kv_index)
+        self.core, self.block = core, int(block)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
                  head_mask: jax.Array | None = None, stats_block: int | None = None):
         dtype = x.dtype
-        q = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dtype))
+        heads = ("batch", None, "heads", "head_dim")
+        q = constrain(jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dtype)), heads)
         k = jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(dtype))
         v = jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(dtype))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         kv_index = np.asarray(self.kv_index, dtype=np.int32)
         k, v = jnp.take(k, kv_index, axis=2), jnp.take(v, kv_index, axis=2)
-        head_dim = q.shape[-1]
-        scores = jnp.einsum("bthk,bshk->bhts", q, k, preferred_element_type=jnp.float32)
-        scores = scores / np.sqrt(head_dim).astype(np.float32)
-        seq_len = x.shape[1]
-        causal = jnp.tril(jnp.ones((seq_len, seq_len), dtype=bool))
-        scores = jnp.where(causal[None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-        out = jnp.einsum("bhts,bshk->bthk", probs, v)
+        k, v = constrain(k, heads), constrain(v, heads)
+        out = attention_lib.causal_attention(q, k, v, self.core, self.block)
         if head_mask is not None:
             out = out * head_mask.astype(dtype)[None, None, :, None]
-        y = jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dtype))
+        out = constrain(out, heads)
+        y = constrain(jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dtype)),
+                      ("batch", None, "embed"))
         if stats_block is None:
             return y
         return y, second_moment(out.reshape(*out.shape[:2], -1), stats_block)
@@ -181,7 +187,8 @@ class MLP(nnx.Module):
         h = jax.nn.silu(x @ self.w_gate[...].astype(dtype)) * (x @ self.w_up[...].astype(dtype))
         if ffn_mask is not None:
             h = h * ffn_mask.astype(dtype)
-        y = h @ self.w_down[...].astype(dtype)
+        h = constrain(h, ("batch", None, "mlp"))
+        y = constrain(h @ self.w_down[...].astype(dtype), ("batch", None, "embed"))
         return y if stats_block is None else (y, second_moment(h, stats_block))
 
 
@@ -193,13 +200,15 @@ class Block(nnx.Module):
         out_std = cfg.init_std / np.sqrt(2 * cfg.num_layers)
         self.attn_norm = RMSNorm(d_model, cfg.norm_eps)
         self.attn = Attention(d_model, num_heads, num_kv_heads, cfg.head_dim, kv_index,
-                              cfg.init_std, out_std, rngs=rngs)
+                              cfg.init_std, out_std, rngs=rngs, core=cfg.attention,
+                              block=cfg.attention_block)
         self.mlp_norm = RMSNorm(d_model, cfg.norm_eps)
         self.mlp = MLP(d_model, ffn_dim, cfg.init_std, out_std, rngs=rngs)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
                  hidden_mask: jax.Array | None = None, head_mask: jax.Array | None = None,
                  ffn_mask: jax.Array | None = None, stats_block: int | None = None):
+        x = constrain(x, ("batch", None, "embed"))
         if stats_block is None:
             x = x + self.attn(self.attn_norm(x, hidden_mask), cos, sin, head_mask)
             return x + self.mlp(self.mlp_norm(x, hidden_mask), ffn_mask)
@@ -213,6 +222,9 @@ class Block(nnx.Module):
                              "mlp_in": second_moment(mlp_in, stats_block), "down_in": down_in}
 
 
+REMAT_POLICIES = ("none", "full", "dots")
+
+
 def _remat(fn, policy: str):
     if policy == "none":
         return fn
@@ -224,13 +236,17 @@ def _remat(fn, policy: str):
 
 
 def embed_tokens(embed: jax.Array, tokens: jax.Array, dtype) -> jax.Array:
-    return jnp.take(embed, tokens, axis=0).astype(dtype)
+    """Token embeddings [B, T, D] in the compute dtype, rows laid out like the batch."""
+    tokens = constrain(tokens, ("batch", None))
+    return constrain(jnp.take(embed, tokens, axis=0).astype(dtype), ("batch", None, "embed"))
 
 
 def unembed(x: jax.Array, embed: jax.Array, lm_head: jax.Array | None) -> jax.Array:
     """Logits in float32, through the tied embedding or the separate head."""
     weight = embed.T if lm_head is None else lm_head
-    return jnp.einsum("btd,dv->btv", x, weight.astype(x.dtype), preferred_element_type=jnp.float32)
+    logits = jnp.einsum("btd,dv->btv", x, weight.astype(x.dtype),
+                        preferred_element_type=jnp.float32)
+    return constrain(logits, ("batch", None, "vocab"))
 
 
 class Llama(nnx.Module):
@@ -255,7 +271,9 @@ class Llama(nnx.Module):
                                      axes=("embed", "vocab"))
 
     def __call__(self, tokens: jax.Array, masks: Masks | None = None,
-                 stats_block: int | None = None):
+                 stats_block: int | None = None, return_hidden: bool = False):
+        """Logits [B, T, V] (with return_hidden: the final-norm hidden states [B, T, D]), and
+        with stats_block also the OBS input statistics: (out, stats)."""
         cfg = self.cfg
         dtype = cfg.compute_dtype
         hidden = None if masks is None else masks["hidden"].astype(jnp.float32)
@@ -287,12 +305,13 @@ class Llama(nnx.Module):
                 per_layer.append(layer_stats)
             stats = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
         x = self.final_norm(x, hidden)
-        logits = unembed(x, self.embed[...], None if cfg.tie_embeddings else self.lm_head[...])
+        out = x if return_hidden else unembed(x, self.embed[...],
+                                              None if cfg.tie_embeddings else self.lm_head[...])
         if stats_block is None:
-            return logits
+            return out
         if not cfg.tie_embeddings:  # the untied head's input; a tied table is not compensated
             stats["final_in"] = second_moment(x, stats_block)
-        return logits, stats
+        return out, stats
 
 
 # ----------------------------------------------------------------------------------------
@@ -327,14 +346,31 @@ def param_axes(cfg: ModelConfig) -> dict:
     return nnx.to_pure_dict(nnx.map_state(axes_of, state))
 
 
+def _bound(cfg: ModelConfig, params: dict) -> Llama:
+    """The model of `cfg` holding `params` (a plain nested dict)."""
+    graphdef, abstract_state = _graphdef_and_abstract_state(cfg)
+    state = jax.tree.map(lambda x: x, abstract_state)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
+
+
 def apply(cfg: ModelConfig, params: dict, tokens: jax.Array, masks: Masks | None = None,
           stats_block: int | None = None):
     """Logits [B, T, V] (float32) of the source model with optional pruning masks; with
     `stats_block`, (logits, input second moments) for OBS compensation."""
-    graphdef, abstract_state = _graphdef_and_abstract_state(cfg)
-    state = jax.tree.map(lambda x: x, abstract_state)
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state)(tokens, masks, stats_block)
+    return _bound(cfg, params)(tokens, masks, stats_block)
+
+
+def hidden_states(cfg: ModelConfig, params: dict, tokens: jax.Array,
+                  masks: Masks | None = None, stats_block: int | None = None):
+    """Final-norm hidden states [B, T, D] (compute dtype): `apply` without the unembedding
+    (with `stats_block`, (hidden, input second moments))."""
+    return _bound(cfg, params)(tokens, masks, stats_block, return_hidden=True)
+
+
+def logits_from_hidden(cfg: ModelConfig, params: dict, x: jax.Array) -> jax.Array:
+    """float32 logits of hidden states x [..., T, D]: the unembedding that `apply` ends with."""
+    return unembed(x, params["embed"], None if cfg.tie_embeddings else params["lm_head"])
 
 
 def full_masks(cfg: ModelConfig) -> Masks:
