@@ -133,7 +133,8 @@ def evolution_figures(spec: dict, title: str = "") -> dict[str, Any]:
         image = ax.imshow(grid, aspect="auto", origin="lower", vmin=0, vmax=full,
                           cmap="viridis", interpolation="nearest")
         ax.set(xlabel="event (0 = dense)", ylabel="layer",
-               title=f"kept {'heads' if name == 'heads' else 'FFN width'} of {full}")
+               title=f"kept {'heads' if name == 'heads' else 'FFN width'} of {full}",
+               yticks=range(cfg.num_layers))
         fig.colorbar(image, ax=ax)
     figures["widths.png"] = fig
     return figures

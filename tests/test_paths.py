@@ -77,6 +77,7 @@ def _losses(metrics_text: str) -> dict[int, float]:
 
 def test_a_run_lives_entirely_in_a_gs_run_directory_and_resumes_there(fake_gcs, tmp_path, capsys):
     config = make_tiny_config(steps=4, checkpoint_every=2, log_every=1, eval_every=0)
+    config.prune.prune_steps = 2  # the one event at step 4 ends the pruning inside the run
     config.model.vocab_size = 320
     config.data.update(kind="corpus", sources=(str(_text_corpus(tmp_path / "corpus.txt")),),
                        heldout=())
