@@ -9,8 +9,6 @@ bench/results/compensation_cost.json.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 
 import jax
@@ -20,6 +18,7 @@ from effllm_jax.arch import ArchSpec
 from effllm_jax.data import SyntheticDataset
 from effllm_jax.model import llama
 from effllm_jax.pruning import compensate, groups
+from report import report  # bench/report.py (python bench/X.py puts bench/ on the path)
 
 try:
     from train_step import load_config  # run as a script from bench/
@@ -97,10 +96,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/compensation_cost.json")
     args = parser.parse_args()
     result = measure(args.config, args.steps, args.rounds, args.obs_block)
-    print(json.dumps(result, indent=2))
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+    report(result, args.out)
 
 
 if __name__ == "__main__":

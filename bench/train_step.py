@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
-import os
 import time
 
 import jax
 
 from effllm_jax import sharding, train
 from effllm_jax.data import SyntheticDataset
+from report import report  # bench/report.py (python bench/X.py puts bench/ on the path)
 
 
 def load_config(path: str):
@@ -57,10 +56,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/train_step.json")
     args = parser.parse_args()
     result = measure(args.config, args.steps)
-    print(json.dumps(result, indent=2))
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+    report(result, args.out)
 
 
 if __name__ == "__main__":
