@@ -286,8 +286,10 @@ def run(config, workdir: str) -> tuple[ts.TrainState, ArchSpec]:
         local = dataset.local_batch(step - 1, jax.process_index(), jax.process_count())
         state, metrics = trainer.step(state, sharding.global_batch_array(local, mesh, rules))
         window["steps"] += 1
-        # Metrics are read one step late, so the host never waits on the step in flight.
-        if pending is not None and (pending[0] % t.log_every == 0 or pending[1]["pruning_event"]):
+        # Metrics are read one step late, and only on log and event steps (known on the host
+        # from the schedule), so the host never waits on the step in flight.
+        if pending is not None and (pending[0] % t.log_every == 0
+                                    or step_cfg.schedule.is_event(pending[0])):
             log(*pending)
         pending = (step, metrics)
         writer.advance()
