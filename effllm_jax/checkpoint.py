@@ -74,9 +74,35 @@ class Checkpointer:
             out = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state)))
         except Exception as e:
+            missing, extra = self._field_mismatch(abstract_state, step)
+            if missing or extra:  # readable, but another layout: say which, not "corrupt"
+                differences = ", ".join(
+                    ([f"lacks {missing}"] if missing else []) + ([f"has extra {extra}"] if extra else []))
+                raise CheckpointError(
+                    f"checkpoint step {step} in {self.manager.directory} holds another train "
+                    f"state layout ({differences}): it was written by another version of "
+                    f"effllm-jax or with other settings (e.g. prune.criterion, "
+                    f"prune.compensation, distill.teacher); use a new --workdir") from e
             raise CheckpointError(f"checkpoint step {step} in {self.manager.directory} is "
                                   f"corrupt or does not match this model: {e}") from e
         return out["state"]
+
+    def _field_mismatch(self, abstract_state: Any, step: int) -> tuple[list, list]:
+        """Top-level state fields (with arrays) the target has and the save lacks, and back."""
+        try:
+            meta = ocp.StandardCheckpointHandler().metadata(
+                self.manager.directory / str(step) / "state")
+            tree = getattr(meta, "tree", meta)
+            saved = {k for k, v in tree.items() if jax.tree.leaves(v)}
+        except Exception:  # unreadable metadata: the plain "corrupt" message applies
+            return [], []
+        if dataclasses.is_dataclass(abstract_state):
+            target = {f.name: getattr(abstract_state, f.name)
+                      for f in dataclasses.fields(abstract_state)}
+        else:
+            target = dict(abstract_state)
+        wanted = {k for k, v in target.items() if jax.tree.leaves(v)}
+        return sorted(wanted - saved), sorted(saved - wanted)
 
     def saved_teacher(self, step: int) -> Any:
         """Shapes of the distillation teacher saved in `step`'s state (None when there is none)."""
