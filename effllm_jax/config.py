@@ -100,6 +100,35 @@ def target_params(config: ml_collections.ConfigDict) -> int:
     return prune_validate.target_params(config.prune, model_config(config))
 
 
+# Loop and optimizer numbers that must lie in a range: (section, field, test, what it must be).
+_RANGES = (
+    ("train", "log_every", lambda v: v >= 1, ">= 1"),
+    ("train", "checkpoint_every", lambda v: v >= 1, ">= 1"),
+    ("train", "keep_checkpoints", lambda v: v >= 1, ">= 1 (0 would delete every checkpoint)"),
+    ("train", "eval_every", lambda v: v >= 0, ">= 0 (0: never)"),
+    ("train", "eval_batches", lambda v: v >= 1, ">= 1"),
+    ("train", "eval_tasks_every", lambda v: v >= 0, ">= 0 (0: never)"),
+    ("train", "eval_tasks_limit", lambda v: v >= 1, ">= 1"),
+    ("train", "peak_flops_per_device", lambda v: v >= 0, ">= 0 (0: from the device table)"),
+    ("optim", "lr", lambda v: v > 0, "> 0"),
+    ("optim", "min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("optim", "warmup_steps", lambda v: v >= 0, ">= 0"),
+    ("optim", "weight_decay", lambda v: v >= 0, ">= 0"),
+    ("optim", "b1", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optim", "b2", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optim", "eps", lambda v: v > 0, "> 0"),
+    ("optim", "grad_clip", lambda v: v > 0, "> 0"),
+)
+
+
+def _check_ranges(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the first loop or optimizer number out of its range."""
+    for section, name, ok, must in _RANGES:
+        value = config[section][name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+            raise ValueError(f"{section}.{name}={value!r} must be {must}")
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     """Raises ValueError naming the first illegal setting."""
     m = config.model
@@ -121,6 +150,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     prune_validate.validate_prune(config.prune, cfg, int(t.steps))
     if t.steps < 1 or t.global_batch < 1 or t.seq_len < 2:
         raise ValueError("train.steps, train.global_batch must be >= 1 and train.seq_len >= 2")
+    _check_ranges(config)
     phases.validate_config(config)
     distill.validate_config(config, cfg)
     if int(t.loss_chunk) < 0:

@@ -19,6 +19,12 @@ from effllm_jax import train
     ("prune.target_params", 5, "cannot fit"),
     ("train.global_batch", 6, "not divisible by the 8 batch shards"),
     ("prune.group_types", ("heads", "layers"), "unknown ['layers']"),
+    ("train.checkpoint_every", 0, "train.checkpoint_every=0 must be >= 1"),
+    ("train.log_every", 0, "train.log_every=0 must be >= 1"),
+    ("train.keep_checkpoints", 0, "train.keep_checkpoints=0 must be >= 1 (0 would delete"),
+    ("optim.lr", -1.0, "optim.lr=-1.0 must be > 0"),
+    ("optim.b2", 1.0, "optim.b2=1.0 must be in [0, 1"),
+    ("optim.grad_clip", 0.0, "optim.grad_clip=0.0 must be > 0"),
 ])
 def test_bad_config_is_rejected_before_compiling(tmp_path, field, value, message):
     config = make_tiny_config()
