@@ -326,8 +326,11 @@ def main(argv) -> None:
         if jax.process_index() != 0:  # one process logs for the run
             logging.set_verbosity(logging.ERROR)
         _, spec = run(f.config, f.workdir)
-    except (paths.PathError, distributed.DistributedError) as e:
-        sys.exit(f"effllm_jax.train: {e}")
+    except (ValueError, ckpt_lib.CheckpointError) as e:  # the user's to fix: one line, exit 2
+        if f.debug:
+            raise
+        print(f"effllm_jax.train: error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(2)
     if jax.process_index() == 0:
         print("\nArchitecture found by pruning-aware pretraining:")
         print(spec.summary())
@@ -346,6 +349,7 @@ def cli() -> None:
     from ml_collections import config_flags
     config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "experiment config file",
                                     lock_config=True)
+    flags.DEFINE_bool("debug", False, "show the traceback of a configuration or input error")
     flags.DEFINE_string("workdir", "runs/default",
                         "run directory, local or gs://bucket/run (resumes if it has checkpoints)")
     flags.DEFINE_string("coordinator_address", None, "multi-host: process 0's HOST:PORT "

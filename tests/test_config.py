@@ -70,3 +70,18 @@ def test_unknown_eval_task_is_rejected_before_compiling(tmp_path):
     with pytest.raises(ValueError, match="needs a tokenizer"):
         train.run(config, str(tmp_path))
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_cli_turns_a_bad_value_into_one_line_and_exit_2_and_debug_shows_the_traceback(tmp_path):
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "effllm_jax.train", "--config.data.kind=synthetic",
+               "--config.model.vocab_size=256", "--config.train.checkpoint_every=0",
+               f"--workdir={run_dir}"]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 2, out.stderr
+    assert lines == ["effllm_jax.train: error: train.checkpoint_every=0 must be >= 1"], lines
+    assert not run_dir.exists()  # nothing written
+    out = subprocess.run(command + ["--debug"], capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "Traceback" in out.stderr
+

@@ -143,9 +143,9 @@ def test_per_host_run_directories_fail_at_start_on_every_process(config_path, tm
     results = finish(launch(config_path, [tmp_path / "host0", tmp_path / "host1"], tmp_path),
                      timeout=120)
     for code, _, err in results:
-        assert code == 1, err[-3000:]
+        assert code == 2, err[-3000:]
         assert err.strip().splitlines()[-1].startswith(
-            "effllm_jax.train: the run directory "), err[-3000:]
+            "effllm_jax.train: error: the run directory "), err[-3000:]
         assert "process(es) [1] of 2 cannot see the file process 0 wrote there" in err
     assert not (tmp_path / "host0" / "checkpoints").exists()
 

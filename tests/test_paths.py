@@ -160,7 +160,7 @@ def test_gs_without_credentials_is_one_clear_error(tmp_path, monkeypatch):
 
 
 def test_train_cli_prints_one_line_for_an_unusable_gs_workdir(tmp_path):
-    """The CLI: exit status 1, one line on stderr, no local 'gs:' folder."""
+    """The CLI: exit status 2, one line on stderr, no local 'gs:' folder."""
     env = {"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO),
            "HOME": str(tmp_path), "EFFLLM_CACHE": str(tmp_path / "cache")}
     # gcsfs/google-auth may be installed: hide them, so the answer does not depend on the machine.
@@ -169,7 +169,7 @@ def test_train_cli_prints_one_line_for_an_unusable_gs_workdir(tmp_path):
             "'--config.model.vocab_size=256']; from effllm_jax.train import cli; cli()")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=120)
-    assert out.returncode == 1
+    assert out.returncode == 2
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert lines == [line for line in lines if line.startswith("effllm_jax.train: ")] and \
         len(lines) == 1, out.stderr
