@@ -8,7 +8,6 @@ CLI: python -m effllm_jax.generate --model=PATH --prompt="..." [--max_new_tokens
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import sys
@@ -19,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from effllm_jax.arch import ArchSpec
+from effllm_jax.cli import OneLineParser, non_negative_float, positive_int, unit_interval
 from effllm_jax.model.compact import apply_compact
 from effllm_jax.model.decode import Decoder
 from effllm_jax.model.lm import LanguageModel
@@ -151,13 +151,13 @@ def generate(lm: LanguageModel, prompt: str | Sequence[int], **kwargs) -> Genera
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
-    parser = argparse.ArgumentParser(prog="python -m effllm_jax.generate")
+    parser = OneLineParser(prog="python -m effllm_jax.generate")
     parser.add_argument("--model", required=True, help="workdir, export dir, HF dir or .gguf")
     parser.add_argument("--prompt", required=True)
-    parser.add_argument("--max_new_tokens", type=int, default=32)
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--top_k", type=int, default=None)
-    parser.add_argument("--top_p", type=float, default=1.0)
+    parser.add_argument("--max_new_tokens", type=positive_int, default=32)
+    parser.add_argument("--temperature", type=non_negative_float, default=0.0)
+    parser.add_argument("--top_k", type=positive_int, default=None)
+    parser.add_argument("--top_p", type=unit_interval, default=1.0)
     parser.add_argument("--stop", action="append", default=[],
                         help="stop string (repeatable); the text is cut before it")
     parser.add_argument("--seed", type=int, default=0)

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from effllm_jax import paths
+from effllm_jax.cli import OneLineParser
 from effllm_jax.model.llama import ModelConfig
 from effllm_jax.pruning import groups
 from effllm_jax.pruning.select import TYPE_UNIT, UNITS
@@ -188,8 +189,8 @@ def _name(workdir: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m effllm_jax.plot", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="python -m effllm_jax.plot", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True, help="run directory (with checkpoints)")
     parser.add_argument("--compare", nargs="*", default=(), help="other runs for loss.png")
     parser.add_argument("--out", default=None, help="output directory (default WORKDIR/plots)")

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from effllm_jax.cli import OneLineParser, positive_int
 from effllm_jax.evaluate import tasks as task_lib
 from effllm_jax.evaluate.scoring import DEFAULT_BATCH_SIZE, DEFAULT_BUCKETS
 
@@ -51,17 +52,17 @@ def parse_metric_overrides(text: str) -> dict[str, str]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's arguments."""
-    p = argparse.ArgumentParser(prog="python -m effllm_jax.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="python -m effllm_jax.evaluate", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="training workdir, export dir or .gguf")
     p.add_argument("--tasks", default=",".join(task_lib.PAPER_TASKS),
                    help="comma list of tasks (known: %s) or .jsonl files; 'none' skips tasks"
                    % ", ".join(task_lib.BUILDERS))
-    p.add_argument("--limit", type=int, default=None,
+    p.add_argument("--limit", type=positive_int, default=None,
                    help="score only the first N items of each task (file order)")
     p.add_argument("--out", default=None, help="write results JSON here")
-    p.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE)
-    p.add_argument("--max_length", type=int, default=None,
+    p.add_argument("--batch_size", type=positive_int, default=DEFAULT_BATCH_SIZE)
+    p.add_argument("--max_length", type=positive_int, default=None,
                    help="context length (default: the model's, else 2048)")
     p.add_argument("--buckets", default=",".join(map(str, DEFAULT_BUCKETS)),
                    help="padding lengths; one compilation each")
@@ -75,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="override the checkpoint's tokenizer")
     p.add_argument("--text_file", default=None,
                    help="also report perplexity / bits per byte of this UTF-8 text file")
-    p.add_argument("--stride", type=int, default=None,
+    p.add_argument("--stride", type=positive_int, default=None,
                    help="perplexity window stride (default: max_length, disjoint windows)")
     p.add_argument("--name", default=None, help="model name in the table")
     return p
