@@ -90,10 +90,7 @@ class Checkpointer:
     def _field_mismatch(self, abstract_state: Any, step: int) -> tuple[list, list]:
         """Top-level state fields (with arrays) the target has and the save lacks, and back."""
         try:
-            meta = ocp.StandardCheckpointHandler().metadata(
-                self.manager.directory / str(step) / "state")
-            tree = getattr(meta, "tree", meta)
-            saved = {k for k, v in tree.items() if jax.tree.leaves(v)}
+            saved = {k for k, v in self._state_metadata(step).items() if jax.tree.leaves(v)}
         except Exception:  # unreadable metadata: the plain "corrupt" message applies
             return [], []
         if dataclasses.is_dataclass(abstract_state):
@@ -107,8 +104,12 @@ class Checkpointer:
     def saved_teacher(self, step: int) -> Any:
         """Shapes of the distillation teacher saved in `step`'s state (None when there is none)."""
         from effllm_jax import distill  # late: distill imports the model stack
-        state_dir = self.manager.directory / str(step) / "state"
-        return distill.saved_slot(ocp.StandardCheckpointHandler().metadata(state_dir))
+        return distill.saved_slot(self._state_metadata(step))
+
+    def _state_metadata(self, step: int) -> dict:
+        """The saved state's tree of array metadata (shapes, dtypes), without reading arrays."""
+        meta = ocp.StandardCheckpointHandler().metadata(self.manager.directory / str(step) / "state")
+        return getattr(meta, "tree", meta)
 
     def wait(self) -> None:
         """Blocks until pending async saves are on disk."""

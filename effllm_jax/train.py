@@ -237,12 +237,13 @@ def run(config, workdir: str) -> tuple[ts.TrainState, ArchSpec]:
     if is_main:
         ckpt_lib.save_run_config(workdir, config)
 
+    tokens_per_step = t.global_batch * t.seq_len
+
     def arch_spec(state, step) -> ArchSpec:
-        return ArchSpec.from_masks(jax.device_get(state.masks), cfg, step,
-                                   step * t.global_batch * t.seq_len,
+        return ArchSpec.from_masks(jax.device_get(state.masks), cfg, step, step * tokens_per_step,
                                    jax.device_get(state.history), phases_lib.spans(config))
 
-    writer = MetricWriter(workdir, total_steps, start, is_main, t.global_batch * t.seq_len)
+    writer = MetricWriter(workdir, total_steps, start, is_main, tokens_per_step)
 
     def save(state, step):
         ckpt.save(step, state, arch_spec(state, step), {"step": step, "seed": t.seed,
@@ -251,7 +252,6 @@ def run(config, workdir: str) -> tuple[ts.TrainState, ArchSpec]:
 
     # ---------------------------------------------------------------- loop
     peak = mfu.peak_flops_per_device(t.peak_flops_per_device)
-    tokens_per_step = t.global_batch * t.seq_len
     dense_flops = mfu.flops_per_token(arch_spec(state, start), t.seq_len, dense=True)
     dense = groups.dense_params(cfg)
     window = {"start": time.perf_counter(), "steps": 0}
@@ -279,8 +279,9 @@ def run(config, workdir: str) -> tuple[ts.TrainState, ArchSpec]:
                  f"pruning events every {step_cfg.schedule.every} steps from step "
                  f"{step_cfg.schedule.event_steps()[0]} to {step_cfg.schedule.last_event}; "
                  f"mesh {dict(mesh.shape)}")
-    if phases_lib.describe(config):
-        writer.print(phases_lib.describe(config))
+    phases_line = phases_lib.describe(config)
+    if phases_line:
+        writer.print(phases_line)
     pending = None
     for step in range(start + 1, total_steps + 1):
         local = dataset.local_batch(step - 1, jax.process_index(), jax.process_count())
