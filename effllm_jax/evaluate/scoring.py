@@ -14,7 +14,7 @@ once per bucket.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +26,7 @@ from effllm_jax.evaluate.tasks import MultipleChoiceItem
 DEFAULT_BUCKETS = (32, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 DEFAULT_MAX_LENGTH = 2048  # the harness's fallback when a model states no context length
 DEFAULT_BATCH_SIZE = 16
+HEAD_CHUNK = 256  # scored positions unembedded at a time: at most [256, V] logits exist
 
 
 def _valid_id(token_id: Any) -> bool:
@@ -124,10 +125,17 @@ def score_token_requests(lm: Any, requests: Sequence[tuple[Sequence[int], Sequen
                          buckets: Sequence[int] = DEFAULT_BUCKETS,
                          progress: Callable[[int, int], None] | None = None
                          ) -> list[tuple[float, bool]]:
-    """(log-likelihood, is_greedy) of each continuation given its context, in request order."""
-    scorer = make_batch_scorer(lm)
-    prepared = []  # (input ids, targets, number of scored positions)
-    keys_src = []
+    """(log-likelihood, is_greedy) of each continuation given its context, in request order.
+
+    Models the KV-cache decoder knows (LanguageModel, MaskedLanguageModel) are scored packed:
+    each shared context runs once with all its continuations, and logits exist only at the
+    scored positions. Anything else with `.logits(tokens)` is scored one row per request.
+    """
+    from effllm_jax.model.decode import can_decode
+
+    windows = []  # (input ids, target ids, number of scored positions), unique requests only
+    unique: dict[tuple, int] = {}
+    keys = []
     for context_ids, continuation_ids in requests:
         whole = list(context_ids) + list(continuation_ids)
         n_cont = len(continuation_ids)
@@ -136,35 +144,121 @@ def score_token_requests(lm: Any, requests: Sequence[tuple[Sequence[int], Sequen
         if len(context_ids) == 0:
             raise ValueError("empty context ids: encode_pair supplies a prefix token for these")
         window = whole[-(max_length + 1):]
-        prepared.append((window[:-1], window[1:], n_cont))
-        keys_src.append((tuple(window), n_cont))
-    # Identical token requests (repeated questions, equal choices) run once.
-    unique: dict[tuple, int] = {}
-    keys = [unique.setdefault(key, len(unique)) for key in keys_src]
-    firsts = {}
-    for i, k in enumerate(keys):
-        firsts.setdefault(k, i)
-    order = sorted(firsts.values(), key=lambda i: -len(prepared[i][0]))  # longest first
-    results: dict[int, tuple[float, bool]] = {}
-    done = 0
+        key = (tuple(window), n_cont)  # identical token requests (repeated choices) run once
+        if key not in unique:
+            unique[key] = len(windows)
+            windows.append((window[:-1], window[1:], n_cont))
+        keys.append(unique[key])
+    if can_decode(lm):
+        results = _score_packed(lm, windows, max_length=max_length, batch_size=batch_size,
+                                buckets=buckets, progress=progress)
+    else:
+        results = _score_rows(lm, windows, max_length=max_length, batch_size=batch_size,
+                              buckets=buckets, progress=progress)
+    return [results[k] for k in keys]
+
+
+def _score_rows(lm: Any, windows: Sequence[tuple[list, list, int]], *, max_length: int,
+                batch_size: int, buckets: Sequence[int],
+                progress: Callable[[int, int], None] | None) -> list[tuple[float, bool]]:
+    """One padded row per request through `lm.logits` (models without parameters to pack)."""
+    scorer = make_batch_scorer(lm)
+    order = sorted(range(len(windows)), key=lambda i: -len(windows[i][0]))  # longest first
+    results: list[tuple[float, bool]] = [(0.0, True)] * len(windows)
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        width = pick_bucket(max(len(prepared[i][0]) for i in chunk), buckets, max_length)
+        width = pick_bucket(max(len(windows[i][0]) for i in chunk), buckets, max_length)
         tokens = np.zeros((batch_size, width), np.int32)  # fixed batch: one shape per bucket
         targets = np.zeros((batch_size, width), np.int32)
         weights = np.zeros((batch_size, width), np.float32)
         for row, i in enumerate(chunk):
-            inp, tgt, n_cont = prepared[i]
+            inp, tgt, n_cont = windows[i]
             tokens[row, :len(inp)] = inp
             targets[row, :len(tgt)] = tgt
             weights[row, len(inp) - n_cont:len(inp)] = 1.0
         sums, greedy = scorer(tokens, targets, weights)
         for row, i in enumerate(chunk):
-            results[keys[i]] = (float(sums[row]), bool(greedy[row]))
-        done += len(chunk)
+            results[i] = (float(sums[row]), bool(greedy[row]))
         if progress is not None:
-            progress(done, len(order))
-    return [results[k] for k in keys]
+            progress(start + len(chunk), len(order))
+    return results
+
+
+class PackedRow(NamedTuple):
+    """One shared context followed by continuations, and what to score in it."""
+
+    tokens: list[int]
+    positions: list[int]
+    segments: list[int]  # 0 context, i > 0 the i-th continuation
+    scored: list[tuple[int, int, int]]  # (request, column, target id)
+
+
+def pack_requests(windows: Sequence[tuple[Sequence[int], Sequence[int], int]],
+                  max_length: int) -> list[PackedRow]:
+    """Rows of at most max_length tokens: each context once, then its continuations' inputs.
+
+    A request's first continuation token is predicted at the context's last position, shared
+    by all of them; its later ones within its own segment. A context with more continuations
+    than fit is repeated in another row.
+    """
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (inp, _, n_cont) in enumerate(windows):
+        if n_cont:  # nothing to score: log-likelihood 0, greedy
+            groups.setdefault(tuple(inp[:len(inp) - n_cont + 1]), []).append(i)
+    rows: list[PackedRow] = []
+    for context, members in groups.items():
+        row = None
+        for i in members:
+            inp, tgt, n_cont = windows[i]
+            extra = inp[len(context):]  # continuation inputs after the context's last token
+            if row is None or len(row.tokens) + len(extra) > max_length:
+                row = PackedRow(list(context), list(range(len(context))), [0] * len(context), [])
+                rows.append(row)
+            segment = row.segments[-1] + 1  # the context is 0; continuations count up
+            start = len(row.tokens)
+            row.scored.append((i, len(context) - 1, tgt[-n_cont]))
+            row.scored.extend((i, start + j, t) for j, t in enumerate(tgt[len(tgt) - n_cont + 1:]))
+            row.tokens.extend(extra)
+            row.positions.extend(range(len(context), len(context) + len(extra)))
+            row.segments.extend([segment] * len(extra))
+    return rows
+
+
+def _score_packed(lm: Any, windows: Sequence[tuple[list, list, int]], *, max_length: int,
+                  batch_size: int, buckets: Sequence[int],
+                  progress: Callable[[int, int], None] | None) -> list[tuple[float, bool]]:
+    """Packed rows (see pack_requests), `batch_size` rows a batch, longest first."""
+    from effllm_jax.model.decode import model_program_key, packed_scoring_programs
+
+    kind, key, params, masks, _ = model_program_key(lm)
+    hidden_fn, score_fn = packed_scoring_programs(kind, key, HEAD_CHUNK)
+    rows = sorted(pack_requests(windows, max_length), key=lambda r: -len(r.tokens))
+    sums = np.zeros(len(windows), np.float64)
+    greedy = np.ones(len(windows), bool)  # an empty continuation: 0 and greedy
+    done = sum(n_cont == 0 for _, _, n_cont in windows)
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        width = pick_bucket(len(chunk[0].tokens), buckets, max_length)
+        tokens = np.zeros((batch_size, width), np.int32)  # fixed rows: one shape per bucket
+        positions = np.zeros((batch_size, width), np.int32)
+        segments = np.full((batch_size, width), -1, np.int32)
+        scored = [(r, *entry) for r, row in enumerate(chunk) for entry in row.scored]
+        n = max(16, 1 << (len(scored) - 1).bit_length())  # power of two: few head shapes
+        index = np.zeros((3, n), np.int32)  # row, column, target; padding scores (0, 0)
+        for r, row in enumerate(chunk):
+            tokens[r, :len(row.tokens)] = row.tokens
+            positions[r, :len(row.tokens)] = row.positions
+            segments[r, :len(row.tokens)] = row.segments
+        request = np.array([s[1] for s in scored])
+        index[:, :len(scored)] = np.array([(s[0], s[2], s[3]) for s in scored]).T
+        x = hidden_fn(params, masks, tokens, positions, segments)
+        logp, is_max = (np.asarray(a)[:len(scored)] for a in score_fn(params, masks, x, *index))
+        np.add.at(sums, request, logp.astype(np.float64))
+        np.logical_and.at(greedy, request, is_max)
+        done += len({s[1] for s in scored})
+        if progress is not None:
+            progress(done, len(windows))
+    return [(float(v), bool(g)) for v, g in zip(sums, greedy)]
 
 
 def loglikelihoods(lm: Any, requests: Iterable[tuple[str, str]], *, add_bos: bool = False,

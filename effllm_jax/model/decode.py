@@ -346,3 +346,75 @@ class Decoder:
     def all_done(self) -> bool:
         return bool(np.all(np.asarray(self.state["done"]))) or \
             int(self.state["step"]) >= self.max_new_tokens
+
+
+# ------------------------------------------------------------------------ packed scoring ---
+# Scoring (evaluation) packs one shared context and several continuations into a row:
+# segment 0 is the context, segment i > 0 the i-th continuation, which sees the context and
+# itself (never another continuation) and takes RoPE positions that go on from the context's
+# end, so each continuation computes what it would after its context alone. Padding is -1.
+
+def packed_attention_mask(segments: jax.Array) -> jax.Array:
+    """valid [B, T, T]: causal, and a key is the query's own segment or the shared context."""
+    t = jnp.arange(segments.shape[1])
+    causal = t[None, :, None] >= t[None, None, :]
+    seg_q, seg_k = segments[:, :, None], segments[:, None, :]
+    return causal & ((seg_k == 0) | (seg_k == seg_q))
+
+
+def _packed_hidden(model: _Model, tokens, positions, segments) -> jax.Array:
+    """Final-norm inputs [B, T, D] of packed rows (the final norm runs at scored rows only)."""
+    cfg, dtype = model.cfg, model.cfg.compute_dtype
+    cos_t, sin_t = llama.rope_tables(tokens.shape[1], cfg.head_dim, cfg.rope_theta)
+    cos, sin = cos_t[positions], sin_t[positions]
+    valid = packed_attention_mask(segments)
+    x = llama.embed_tokens(model.embed, tokens, dtype)
+    if model.hidden is not None:
+        x = x * model.hidden.astype(dtype)
+    for layer in model.layers:
+        h = layer.block.attn_norm(x, model.hidden)
+        k, v = _new_kv(layer, h, cos, sin)
+        x = x + _attention(layer, h, cos, sin, k, v, valid)
+        x = x + layer.block.mlp(layer.block.mlp_norm(x, model.hidden), layer.ffn_mask)
+    return x
+
+
+def _scored_logprobs(model: _Model, h, targets, chunk: int):
+    """log p(target) and argmax == target of hidden rows h [N, D], `chunk` rows of logits at a
+    time, so no more than [chunk, V] logits ever exist."""
+    h = model.final_norm(h, model.hidden)
+
+    def one(args):
+        hc, tc = args
+        logits = llama.unembed(hc[None], model.embed, model.lm_head)[0]  # [chunk, V] float32
+        target_logit = jnp.take_along_axis(logits, tc[:, None], -1)[:, 0]
+        return (target_logit - jax.nn.logsumexp(logits, axis=-1),
+                jnp.argmax(logits, axis=-1) == tc)
+
+    n = h.shape[0]
+    logp, greedy = jax.lax.map(one, (h.reshape(n // chunk, chunk, -1),
+                                     targets.reshape(n // chunk, chunk)))
+    return logp.reshape(n), greedy.reshape(n)
+
+
+@functools.lru_cache(maxsize=32)
+def packed_scoring_programs(kind: str, key: Any, head_chunk: int):
+    """(hidden, score) jitted for one architecture.
+
+    hidden(params, masks, tokens, positions, segments) -> pre-norm hidden states [B, T, D];
+    score(params, masks, hidden, rows, cols, targets) -> (log p, is argmax) [N] at the N
+    scored (row, col) positions. Apart, the body compiles once per row shape and the cheap
+    head once per N.
+    """
+
+    @jax.jit
+    def hidden(params, masks, tokens, positions, segments):
+        return _packed_hidden(_build(kind, key, params, masks), tokens, positions, segments)
+
+    @jax.jit
+    def score(params, masks, x, rows, cols, targets):
+        model = _build(kind, key, params, masks)
+        return _scored_logprobs(model, x[rows, cols], targets,
+                                min(head_chunk, targets.shape[0]))
+
+    return hidden, score
