@@ -27,6 +27,7 @@ DEFAULT_BUCKETS = (32, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 DEFAULT_MAX_LENGTH = 2048  # the harness's fallback when a model states no context length
 DEFAULT_BATCH_SIZE = 16
 HEAD_CHUNK = 256  # scored positions unembedded at a time: at most [256, V] logits exist
+ROW_WIDTH = 256  # tokens per packed row (a longer context group gets a wider row)
 
 
 def _valid_id(token_id: Any) -> bool:
@@ -184,81 +185,124 @@ def _score_rows(lm: Any, windows: Sequence[tuple[list, list, int]], *, max_lengt
     return results
 
 
-class PackedRow(NamedTuple):
-    """One shared context followed by continuations, and what to score in it."""
+class ContextGroup(NamedTuple):
+    """One shared context followed by its continuations' inputs, and what to score in it."""
 
     tokens: list[int]
     positions: list[int]
     segments: list[int]  # 0 context, i > 0 the i-th continuation
-    scored: list[tuple[int, int, int]]  # (request, column, target id)
+    scored: list[tuple[int, int, int]]  # (request, column in the group, target id)
 
 
-def pack_requests(windows: Sequence[tuple[Sequence[int], Sequence[int], int]],
-                  max_length: int) -> list[PackedRow]:
-    """Rows of at most max_length tokens: each context once, then its continuations' inputs.
+def context_groups(windows: Sequence[tuple[Sequence[int], Sequence[int], int]],
+                   max_length: int) -> list[ContextGroup]:
+    """Each context once, then its continuations' inputs, at most max_length tokens a group.
 
     A request's first continuation token is predicted at the context's last position, shared
     by all of them; its later ones within its own segment. A context with more continuations
-    than fit is repeated in another row.
+    than fit is repeated in another group.
     """
-    groups: dict[tuple[int, ...], list[int]] = {}
+    by_context: dict[tuple[int, ...], list[int]] = {}
     for i, (inp, _, n_cont) in enumerate(windows):
         if n_cont:  # nothing to score: log-likelihood 0, greedy
-            groups.setdefault(tuple(inp[:len(inp) - n_cont + 1]), []).append(i)
-    rows: list[PackedRow] = []
-    for context, members in groups.items():
-        row = None
+            by_context.setdefault(tuple(inp[:len(inp) - n_cont + 1]), []).append(i)
+    groups: list[ContextGroup] = []
+    for context, members in by_context.items():
+        group = None
         for i in members:
             inp, tgt, n_cont = windows[i]
             extra = inp[len(context):]  # continuation inputs after the context's last token
-            if row is None or len(row.tokens) + len(extra) > max_length:
-                row = PackedRow(list(context), list(range(len(context))), [0] * len(context), [])
-                rows.append(row)
-            segment = row.segments[-1] + 1  # the context is 0; continuations count up
-            start = len(row.tokens)
-            row.scored.append((i, len(context) - 1, tgt[-n_cont]))
-            row.scored.extend((i, start + j, t) for j, t in enumerate(tgt[len(tgt) - n_cont + 1:]))
-            row.tokens.extend(extra)
-            row.positions.extend(range(len(context), len(context) + len(extra)))
-            row.segments.extend([segment] * len(extra))
+            if group is None or len(group.tokens) + len(extra) > max_length:
+                group = ContextGroup(list(context), list(range(len(context))),
+                                     [0] * len(context), [])
+                groups.append(group)
+            segment = group.segments[-1] + 1  # the context is 0; continuations count up
+            start = len(group.tokens)
+            group.scored.append((i, len(context) - 1, tgt[-n_cont]))
+            group.scored.extend((i, start + j, t)
+                                for j, t in enumerate(tgt[len(tgt) - n_cont + 1:]))
+            group.tokens.extend(extra)
+            group.positions.extend(range(len(context), len(context) + len(extra)))
+            group.segments.extend([segment] * len(extra))
+    return groups
+
+
+def pack_rows(groups: Sequence[ContextGroup], width: int, buckets: Sequence[int],
+              max_length: int) -> list[tuple[int, list[ContextGroup]]]:
+    """(row width, groups) rows, filled first-fit decreasing: rows are `width` tokens, or one
+    bucket wide for a longer group, so padding is only what is left at the end of a row."""
+    rows: list[tuple[int, list[ContextGroup]]] = []
+    free: list[int] = []
+    for group in sorted(groups, key=lambda g: -len(g.tokens)):
+        n = len(group.tokens)
+        for r, space in enumerate(free):
+            if space >= n:
+                rows[r][1].append(group)
+                free[r] -= n
+                break
+        else:
+            row_width = max(width, pick_bucket(n, buckets, max_length))
+            rows.append((row_width, [group]))
+            free.append(row_width - n)
     return rows
 
 
 def _score_packed(lm: Any, windows: Sequence[tuple[list, list, int]], *, max_length: int,
                   batch_size: int, buckets: Sequence[int],
                   progress: Callable[[int, int], None] | None) -> list[tuple[float, bool]]:
-    """Packed rows (see pack_requests), `batch_size` rows a batch, longest first."""
+    """Rows of packed context groups, batch_size rows of ROW_WIDTH tokens (or as many tokens
+    in fewer, wider rows) a batch; logits only at the scored positions."""
     from effllm_jax.model.decode import model_program_key, packed_scoring_programs
 
     kind, key, params, masks, _ = model_program_key(lm)
     hidden_fn, score_fn = packed_scoring_programs(kind, key, HEAD_CHUNK)
-    rows = sorted(pack_requests(windows, max_length), key=lambda r: -len(r.tokens))
+    by_width: dict[int, list[list[ContextGroup]]] = {}
+    for width, row in pack_rows(context_groups(windows, max_length), ROW_WIDTH, buckets,
+                                max_length):
+        by_width.setdefault(width, []).append(row)
     sums = np.zeros(len(windows), np.float64)
     greedy = np.ones(len(windows), bool)  # an empty continuation: 0 and greedy
     done = sum(n_cont == 0 for _, _, n_cont in windows)
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        width = pick_bucket(len(chunk[0].tokens), buckets, max_length)
-        tokens = np.zeros((batch_size, width), np.int32)  # fixed rows: one shape per bucket
-        positions = np.zeros((batch_size, width), np.int32)
-        segments = np.full((batch_size, width), -1, np.int32)
-        scored = [(r, *entry) for r, row in enumerate(chunk) for entry in row.scored]
-        n = max(16, 1 << (len(scored) - 1).bit_length())  # power of two: few head shapes
-        index = np.zeros((3, n), np.int32)  # row, column, target; padding scores (0, 0)
-        for r, row in enumerate(chunk):
-            tokens[r, :len(row.tokens)] = row.tokens
-            positions[r, :len(row.tokens)] = row.positions
-            segments[r, :len(row.tokens)] = row.segments
-        request = np.array([s[1] for s in scored])
-        index[:, :len(scored)] = np.array([(s[0], s[2], s[3]) for s in scored]).T
-        x = hidden_fn(params, masks, tokens, positions, segments)
-        logp, is_max = (np.asarray(a)[:len(scored)] for a in score_fn(params, masks, x, *index))
-        np.add.at(sums, request, logp.astype(np.float64))
-        np.logical_and.at(greedy, request, is_max)
-        done += len({s[1] for s in scored})
-        if progress is not None:
-            progress(done, len(windows))
+    for width, rows in sorted(by_width.items(), reverse=True):
+        per_batch = max(1, batch_size * ROW_WIDTH // width)
+        for start in range(0, len(rows), per_batch):
+            batch = rows[start:start + per_batch]
+            # a power of two of rows for the last batch: few shapes, little padding
+            shape = (min(per_batch, 1 << (len(batch) - 1).bit_length()), width)
+            arrays = _batch_arrays(batch, shape)
+            scored = arrays.pop("scored")
+            n = max(16, 1 << (len(scored) - 1).bit_length())  # few head shapes
+            index = np.zeros((3, n), np.int32)  # row, column, target; padding scores (0, 0)
+            index[:, :len(scored)] = scored[:, 1:].T
+            x = hidden_fn(params, masks, **arrays)
+            logp, is_max = (np.asarray(a)[:len(scored)]
+                            for a in score_fn(params, masks, x, *index))
+            np.add.at(sums, scored[:, 0], logp.astype(np.float64))
+            np.logical_and.at(greedy, scored[:, 0], is_max)
+            done += len(np.unique(scored[:, 0]))
+            if progress is not None:
+                progress(done, len(windows))
     return [(float(v), bool(g)) for v, g in zip(sums, greedy)]
+
+
+def _batch_arrays(batch: Sequence[Sequence[ContextGroup]], shape: tuple[int, int]) -> dict:
+    """tokens, positions, documents (-1: padding), segments [rows, width] of a batch, and
+    its scored entries as an int array of (request, row, column, target)."""
+    tokens, positions = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
+    documents, segments = np.full(shape, -1, np.int32), np.zeros(shape, np.int32)
+    scored = []
+    for r, row in enumerate(batch):
+        start = 0
+        for d, group in enumerate(row):
+            end = start + len(group.tokens)
+            tokens[r, start:end] = group.tokens
+            positions[r, start:end] = group.positions
+            documents[r, start:end] = d
+            segments[r, start:end] = group.segments
+            scored.extend((i, r, start + col, t) for i, col, t in group.scored)
+            start = end
+    return dict(tokens=tokens, positions=positions, documents=documents, segments=segments,
+                scored=np.asarray(scored, np.int64).reshape(-1, 4))
 
 
 def loglikelihoods(lm: Any, requests: Iterable[tuple[str, str]], *, add_bos: bool = False,

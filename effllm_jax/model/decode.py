@@ -349,25 +349,28 @@ class Decoder:
 
 
 # ------------------------------------------------------------------------ packed scoring ---
-# Scoring (evaluation) packs one shared context and several continuations into a row:
-# segment 0 is the context, segment i > 0 the i-th continuation, which sees the context and
-# itself (never another continuation) and takes RoPE positions that go on from the context's
-# end, so each continuation computes what it would after its context alone. Padding is -1.
+# Scoring (evaluation) packs several documents into a row, each one shared context and its
+# continuations: segment 0 is the context, segment i > 0 the i-th continuation, which sees its
+# document's context and itself (never another continuation or document) and takes RoPE
+# positions that go on from the context's end, so each continuation computes what it would
+# after its context alone. Padding has document -1.
 
-def packed_attention_mask(segments: jax.Array) -> jax.Array:
-    """valid [B, T, T]: causal, and a key is the query's own segment or the shared context."""
+def packed_attention_mask(documents: jax.Array, segments: jax.Array) -> jax.Array:
+    """valid [B, T, T]: causal, same document, and the key is the context or the query's own
+    continuation."""
     t = jnp.arange(segments.shape[1])
     causal = t[None, :, None] >= t[None, None, :]
+    same_doc = documents[:, :, None] == documents[:, None, :]
     seg_q, seg_k = segments[:, :, None], segments[:, None, :]
-    return causal & ((seg_k == 0) | (seg_k == seg_q))
+    return causal & same_doc & ((seg_k == 0) | (seg_k == seg_q))
 
 
-def _packed_hidden(model: _Model, tokens, positions, segments) -> jax.Array:
-    """Final-norm inputs [B, T, D] of packed rows (the final norm runs at scored rows only)."""
+def _packed_hidden(model: _Model, tokens, positions, documents, segments) -> jax.Array:
+    """Hidden states [B, T, D] before the final norm (which runs at scored positions only)."""
     cfg, dtype = model.cfg, model.cfg.compute_dtype
     cos_t, sin_t = llama.rope_tables(tokens.shape[1], cfg.head_dim, cfg.rope_theta)
     cos, sin = cos_t[positions], sin_t[positions]
-    valid = packed_attention_mask(segments)
+    valid = packed_attention_mask(documents, segments)
     x = llama.embed_tokens(model.embed, tokens, dtype)
     if model.hidden is not None:
         x = x * model.hidden.astype(dtype)
@@ -401,15 +404,16 @@ def _scored_logprobs(model: _Model, h, targets, chunk: int):
 def packed_scoring_programs(kind: str, key: Any, head_chunk: int):
     """(hidden, score) jitted for one architecture.
 
-    hidden(params, masks, tokens, positions, segments) -> pre-norm hidden states [B, T, D];
+    hidden(params, masks, tokens, positions, documents, segments) -> hidden states [B, T, D];
     score(params, masks, hidden, rows, cols, targets) -> (log p, is argmax) [N] at the N
     scored (row, col) positions. Apart, the body compiles once per row shape and the cheap
     head once per N.
     """
 
     @jax.jit
-    def hidden(params, masks, tokens, positions, segments):
-        return _packed_hidden(_build(kind, key, params, masks), tokens, positions, segments)
+    def hidden(params, masks, tokens, positions, documents, segments):
+        return _packed_hidden(_build(kind, key, params, masks), tokens, positions, documents,
+                              segments)
 
     @jax.jit
     def score(params, masks, x, rows, cols, targets):
