@@ -154,6 +154,74 @@ def test_batched_padded_scoring_matches_unpadded_forward():
         assert ll == pytest.approx(float(want), abs=1e-4)
 
 
+def _packing_requests(tokenizer) -> list[tuple[list[int], list[int]]]:
+    """Shared contexts with 1-token and longer continuations, a repeat, an empty continuation,
+    an empty context, a left-truncated window and a context whose choices overflow one group."""
+    pairs = [("Question: what?\nAnswer:", c) for c in (" y", " n", " maybe so", " y")]
+    pairs += [("Q:", ""), ("", "hello"), ("x" * 50, " long context gets truncated on the left")]
+    pairs += [("abc", " " + "defghij"[:k] * 3) for k in range(1, 8)]
+    return [scoring.encode_pair(tokenizer, c, x) for c, x in pairs]
+
+
+def _row_by_row(lm, encoded, max_length):
+    """The unpacked scorer: one padded row and full logits per request."""
+    windows = []
+    for c, x in encoded:
+        window = (list(c) + list(x))[-(max_length + 1):]
+        windows.append((window[:-1], window[1:], len(x)))
+    return scoring._score_rows(lm, windows, max_length=max_length, batch_size=8,
+                               buckets=(max_length,), progress=None)  # one shape: one compile
+
+
+@pytest.mark.parametrize("kind", ["compact", "masked"])
+def test_packed_scoring_equals_row_by_row_scoring(kind):
+    from effllm_jax.model.lm import MaskedLanguageModel
+
+    lm = tiny_lm()
+    if kind == "masked":  # the masked source as training evaluates it, some units pruned
+        cfg = ModelConfig(vocab_size=VOCAB, d_model=32, num_layers=2, num_heads=4,
+                          num_kv_heads=2, head_dim=8, ffn_dim=64)
+        rng = np.random.default_rng(0)
+        masks = {"hidden": rng.random(32) < 0.8, "heads": rng.random((2, 4)) < 0.7,
+                 "ffn": rng.random((2, 64)) < 0.6}
+        lm = MaskedLanguageModel(cfg, init_params(cfg, jax.random.key(1)),
+                                 jax.tree.map(jnp.asarray, masks), ByteTokenizer())
+    encoded = _packing_requests(lm.tokenizer)
+    max_length = 40  # the 7 choices of "abc" (up to 21 tokens each) need several groups
+    groups = scoring.context_groups(
+        [((c + x)[-41:][:-1], (c + x)[-41:][1:], len(x)) for c, x in encoded], max_length)
+    assert len(groups) < len(encoded) - 1 and max(len(g.tokens) for g in groups) <= max_length
+    assert len(scoring.pack_rows(groups, scoring.ROW_WIDTH, (16, 32), max_length)) == 1
+    progress = []
+    packed = scoring.score_token_requests(lm, encoded, max_length=max_length, batch_size=3,
+                                          progress=lambda d, t: progress.append((d, t)))
+    naive = _row_by_row(lm, encoded, max_length)
+    np.testing.assert_allclose([ll for ll, _ in packed], [ll for ll, _ in naive], rtol=1e-6,
+                               atol=1e-5)  # float32 rounding of other shapes and sums
+    assert [g for _, g in packed] == [g for _, g in naive]
+    assert packed[4] == (0.0, True) and packed[0] == packed[3]  # empty continuation; repeat
+    assert progress[-1][0] == progress[-1][1] == len(encoded) - 1  # unique requests
+
+
+def test_scoring_unembeds_only_scored_positions_in_chunks(monkeypatch):
+    from effllm_jax.model import decode, llama
+
+    heads = []  # shapes of the hidden states fed to the unembedding while tracing
+    unembed = llama.unembed
+    monkeypatch.setattr(llama, "unembed", lambda x, *a: heads.append(x.shape) or unembed(x, *a))
+    decode.packed_scoring_programs.cache_clear()  # trace afresh, through the patched head
+    lm = tiny_lm()
+    # 6 continuations of 60 tokens: 360 scored positions, more than one head chunk
+    encoded = [scoring.encode_pair(lm.tokenizer, f"Q{i}:", " " + "abcdef"[i] * 59)
+               for i in range(6)]
+    packed = scoring.score_token_requests(lm, encoded, max_length=128)
+    decode.packed_scoring_programs.cache_clear()
+    assert heads and all(int(np.prod(shape[:-1])) <= scoring.HEAD_CHUNK for shape in heads)
+    assert (1, scoring.HEAD_CHUNK, lm.spec.hidden_dim) in heads  # chunked: 360 -> 2 x 256
+    naive = _row_by_row(lm, encoded, 128)
+    np.testing.assert_allclose([ll for ll, _ in packed], [ll for ll, _ in naive], rtol=1e-6)
+
+
 def test_pick_bucket():
     assert scoring.pick_bucket(10, (64, 128), 2048) == 64
     assert scoring.pick_bucket(100, (64, 128), 2048) == 128
