@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from effllm_jax.losses import token_nll
-from effllm_jax.evaluate.scoring import (DEFAULT_BATCH_SIZE, DEFAULT_BUCKETS, DEFAULT_MAX_LENGTH,
-                                         make_batch_scorer, pick_bucket, prefix_token_id)
+from effllm_jax.evaluate.scoring import (DEFAULT_BATCH_SIZE, DEFAULT_MAX_LENGTH, prefix_token_id,
+                                         score_windows)
 
 
 def eval_loss(logits_fn: Callable[[jax.Array], jax.Array], batches: Sequence[np.ndarray]) -> float:
@@ -101,25 +101,11 @@ def token_loglikelihood_rolling(lm: Any, token_ids: Sequence[int], *, prefix_id:
                                 max_length: int = DEFAULT_MAX_LENGTH, stride: int | None = None,
                                 batch_size: int = DEFAULT_BATCH_SIZE) -> float:
     """Sum of log p(token_i | prefix, tokens_<i) over all tokens, with rolling windows."""
-    seq = np.asarray([prefix_id] + list(token_ids), np.int32)
-    windows = rolling_windows(len(token_ids), max_length, stride)
-    scorer = make_batch_scorer(lm)
-    total = 0.0
-    for b in range(0, len(windows), batch_size):
-        chunk = windows[b:b + batch_size]
-        # One padded width for every window of the text: a single compilation.
-        width = pick_bucket(min(len(token_ids), max_length), DEFAULT_BUCKETS, max_length)
-        tokens = np.zeros((batch_size, width), np.int32)
-        targets = np.zeros((batch_size, width), np.int32)
-        weights = np.zeros((batch_size, width), np.float32)
-        for row, (start, end, first) in enumerate(chunk):
-            n = end - start
-            tokens[row, :n] = seq[start:end]
-            targets[row, :n] = seq[start + 1:end + 1]
-            weights[row, first - 1 - start:n] = 1.0
-        sums, _ = scorer(tokens, targets, weights)
-        total += float(np.sum(sums[:len(chunk)]))
-    return total
+    seq = [prefix_id] + list(token_ids)
+    windows = [(seq[start:end], seq[start + 1:end + 1], end - first + 1)
+               for start, end, first in rolling_windows(len(token_ids), max_length, stride)]
+    return float(sum(ll for ll, _ in score_windows(lm, windows, max_length=max_length,
+                                                     batch_size=batch_size)))
 
 
 def perplexity(lm: Any, text: str, *, max_length: int = DEFAULT_MAX_LENGTH,

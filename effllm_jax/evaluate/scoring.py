@@ -132,8 +132,6 @@ def score_token_requests(lm: Any, requests: Sequence[tuple[Sequence[int], Sequen
     each shared context runs once with all its continuations, and logits exist only at the
     scored positions. Anything else with `.logits(tokens)` is scored one row per request.
     """
-    from effllm_jax.model.decode import can_decode
-
     windows = []  # (input ids, target ids, number of scored positions), unique requests only
     unique: dict[tuple, int] = {}
     keys = []
@@ -150,13 +148,21 @@ def score_token_requests(lm: Any, requests: Sequence[tuple[Sequence[int], Sequen
             unique[key] = len(windows)
             windows.append((window[:-1], window[1:], n_cont))
         keys.append(unique[key])
-    if can_decode(lm):
-        results = _score_packed(lm, windows, max_length=max_length, batch_size=batch_size,
-                                buckets=buckets, progress=progress)
-    else:
-        results = _score_rows(lm, windows, max_length=max_length, batch_size=batch_size,
-                              buckets=buckets, progress=progress)
+    results = score_windows(lm, windows, max_length=max_length, batch_size=batch_size,
+                            buckets=buckets, progress=progress)
     return [results[k] for k in keys]
+
+
+def score_windows(lm: Any, windows: Sequence[tuple[Sequence[int], Sequence[int], int]], *,
+                  max_length: int = DEFAULT_MAX_LENGTH, batch_size: int = DEFAULT_BATCH_SIZE,
+                  buckets: Sequence[int] = DEFAULT_BUCKETS,
+                  progress: Callable[[int, int], None] | None = None) -> list[tuple[float, bool]]:
+    """(sum log p, all greedy) of the last n targets of each (inputs, targets, n) window."""
+    from effllm_jax.model.decode import can_decode
+
+    score = _score_packed if can_decode(lm) else _score_rows
+    return score(lm, windows, max_length=max_length, batch_size=batch_size, buckets=buckets,
+                 progress=progress)
 
 
 def _score_rows(lm: Any, windows: Sequence[tuple[list, list, int]], *, max_length: int,
