@@ -7,13 +7,18 @@ context; an empty context is replaced by the prefix token (BOS, else EOS). The m
 token log-probs are summed. acc = argmax of the sums; acc_norm divides each sum by the length
 in characters of the harness's choice string first.
 
-Requests are sorted by length, padded on the right (causal attention makes padding
-invisible) to one of a few bucket lengths with a fixed batch size, so a model compiles at most
-once per bucket.
+Our models (LanguageModel, MaskedLanguageModel) are scored packed (`_score_packed`): the
+requests of one context form a group, the context once and then each continuation's inputs,
+each continuation attending to the context and itself (model/decode.py, packed scoring), so a
+shared context runs once (2-4x fewer tokens on most multiple-choice tasks). Groups are packed
+first-fit into rows of ROW_WIDTH tokens, so padding is only each row's unused tail; batch_size
+rows a batch (a power of two for the last one), so few shapes compile. The body returns hidden
+states; the head unembeds only the scored positions, HEAD_CHUNK at a time: no [B, T, V] logits.
+Other scorers (test stubs with `.logits`) get one right-padded row per request, sorted by
+length and padded to one of a few bucket lengths.
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import jax
@@ -74,42 +79,17 @@ def _score_from_logits(logits: jax.Array, targets: jax.Array, weights: jax.Array
 _score_jit = jax.jit(_score_from_logits)
 
 
-@functools.lru_cache(maxsize=8)
-def _fused_scorer(arch_json: str) -> Callable:
-    """Jitted (params, tokens, targets, weights) -> (sums, greedy) for one architecture."""
-    from effllm_jax.arch import ArchSpec
-    from effllm_jax.model.compact import apply_compact
-
-    spec = ArchSpec.from_json(arch_json)
-
-    @jax.jit
-    def fused(params, tokens, targets, weights):
-        return _score_from_logits(apply_compact(spec, params, tokens), targets, weights)
-
-    return fused
-
-
 def make_batch_scorer(lm: Any) -> Callable[[np.ndarray, np.ndarray, np.ndarray],
                                            tuple[np.ndarray, np.ndarray]]:
-    """(tokens, targets, weights) [B, T] -> (sum log-prob [B], greedy [B]) for this model.
+    """(tokens, targets, weights) [B, T] -> (sum log-prob [B], greedy [B]) from `lm.logits`.
 
-    A real LanguageModel gets one fused jit per architecture (forward + gather; parameters are
-    an argument, so a new model object of the same shape, e.g. each training eval, reuses the
-    compilations); anything else with `.logits(tokens)` (test stubs) has its logits scored by a
-    small jitted function.
+    The unpacked way, full [B, T, V] logits: for scorers that are not one of our models
+    (test stubs), and as the reference the packed scorer is tested against.
     """
-    from effllm_jax.model.lm import LanguageModel
-
-    if isinstance(lm, LanguageModel):
-        fused = _fused_scorer(lm.spec.shape_key())
-
-        def scorer(tokens, targets, weights):
-            return tuple(np.asarray(x) for x in fused(lm.params, tokens, targets, weights))
-    else:
-        def scorer(tokens, targets, weights):
-            logits = jnp.asarray(lm.logits(np.asarray(tokens, np.int32)))
-            return tuple(np.asarray(x) for x in _score_jit(logits, jnp.asarray(targets),
-                                                          jnp.asarray(weights)))
+    def scorer(tokens, targets, weights):
+        logits = jnp.asarray(lm.logits(np.asarray(tokens, np.int32)))
+        return tuple(np.asarray(x) for x in _score_jit(logits, jnp.asarray(targets),
+                                                      jnp.asarray(weights)))
     return scorer
 
 
