@@ -160,6 +160,34 @@ def build_requests(model: str, task_names: list[str], limit: int) -> tuple[dict,
     return requests, items
 
 
+def padded_tokens(requests: list, batch_size: int, max_length: int) -> dict:
+    """Token positions each side runs through the model body (padding included)."""
+    from effllm_jax.evaluate import scoring
+
+    windows, inputs = {}, set()
+    for context, continuation in requests:
+        window = (list(context) + list(continuation))[-(max_length + 1):]
+        windows[(tuple(window), len(continuation))] = (window[:-1], window[1:],
+                                                        len(continuation))
+        inputs.add(tuple(window[:-1]))
+    rows = scoring.pack_rows(scoring.context_groups(list(windows.values()), max_length),
+                             scoring.ROW_WIDTH, scoring.DEFAULT_BUCKETS, max_length)
+    by_width: dict[int, int] = {}
+    for width, _ in rows:
+        by_width[width] = by_width.get(width, 0) + 1
+    ours = 0
+    for width, count in by_width.items():  # as _score_packed batches them
+        per_batch = max(1, batch_size * scoring.ROW_WIDTH // width)
+        full, last = divmod(count, per_batch)
+        ours += width * (full * per_batch + (min(per_batch, 1 << (last - 1).bit_length())
+                                             if last else 0))
+    longest_first = sorted((len(k) for k in inputs), reverse=True)
+    reference = sum(longest_first[i] * len(longest_first[i:i + batch_size])
+                    for i in range(0, len(longest_first), batch_size))
+    return {"ours": ours, "reference": reference,
+            "unpacked_unpadded": sum(len(w[0]) for w in windows.values())}
+
+
 def export_hf(model: str, hf_dir: str) -> int:
     """Exports the model to a Hugging Face directory in a child (the parent stays small)."""
     code = ("import sys; from effllm_jax.export import export_model, load_language_model; "
@@ -213,6 +241,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--model", default=None, help="a .gguf (default: SmolLM2-135M-Instruct Q4_1)")
     p.add_argument("--out", default=os.path.join(ROOT, "bench/results/eval_speed.json"))
+    p.add_argument("--count_only", action="store_true",
+                   help="only count the padded token positions each side computes (no models)")
     p.add_argument("--worker", choices=("ours", "reference"), help=argparse.SUPPRESS)
     p.add_argument("--requests", help=argparse.SUPPRESS)
     p.add_argument("--hf_dir", help=argparse.SUPPRESS)
@@ -230,9 +260,23 @@ def main(argv: list[str] | None = None) -> dict:
     args.model = args.model or fetch_smollm2()
     names = parse_tasks(args.tasks)
     requests, items = build_requests(args.model, names, args.limit)
+    from effllm_jax.export.gguf_import import context_length_from_gguf, open_gguf
+
+    max_length = context_length_from_gguf(open_gguf(args.model)) or 2048  # as the model states
+    counts = {name: padded_tokens(requests[name], args.batch_size, max_length) for name in names}
+    for name, c in counts.items():
+        print(f"{name:14s} {items[name]:4d} items  body token positions: ours {c['ours']:7d}  "
+              f"reference {c['reference']:7d}  ({c['reference'] / c['ours']:.2f}x)")
+    total = {k: sum(c[k] for c in counts.values()) for k in ("ours", "reference", "unpacked_unpadded")}
+    print(f"all tasks: ours {total['ours']}, reference {total['reference']} "
+          f"({total['reference'] / total['ours']:.2f}x); requests unpacked, unpadded "
+          f"{total['unpacked_unpadded']}")
+    if args.count_only:
+        return {"padded_tokens": counts, "padded_tokens_total": total}
     result = {"model": args.model, "limit": args.limit, "tasks": {}, "batch_size": args.batch_size,
               "torch_threads": args.torch_threads, "cpu_count": os.cpu_count(),
-              "load_average_start": os.getloadavg(),
+              "load_average_start": os.getloadavg(), "padded_tokens": counts,
+              "padded_tokens_total": total,
               "command": "python bench/eval_speed.py " + " ".join(
                   argv if argv is not None else sys.argv[1:])}
     with tempfile.TemporaryDirectory(prefix="effllm_eval_speed_") as tmp:
