@@ -14,6 +14,9 @@ were taken; the host calls it in chunks, so it can check stop strings between ch
 Sampling: greedy (temperature 0) or temperature with top-k and top-p, all traced, so greedy and
 sampling share one compilation. Each row draws from its own key (fold_in of the row index), so
 its samples do not depend on what else is in the batch.
+
+The same pieces also score packed rows for evaluation (`packed_scoring_programs`, at the end):
+several contexts per row, each followed by its continuations, logits only where scored.
 """
 from __future__ import annotations
 
