@@ -120,8 +120,12 @@ def check_field_name(dotted: str, known: list[str] | None = None) -> None:
     dotted = re.sub(r"\[.*$", "", dotted)  # an element override such as mesh.shape[0]
     if dotted in known or any(k.startswith(dotted + ".") for k in known):
         return
-    nearest = difflib.get_close_matches(dotted, known, n=1, cutoff=0.5)
-    hint = f"; did you mean {nearest[0]}?" if nearest else ""
+    section, _, leaf = dotted.rpartition(".")
+    same_leaf = [k for k in known if k.rpartition(".")[2] == leaf]  # train.lr -> optim.lr
+    in_section = [k for k in known if k.rpartition(".")[0] == section]
+    nearest = same_leaf or difflib.get_close_matches(dotted, in_section, n=1, cutoff=0.6) or \
+        difflib.get_close_matches(dotted, known, n=1, cutoff=0.5)
+    hint = f"; did you mean {' or '.join(nearest)}?" if nearest else ""
     raise ValueError(f"unknown config field {dotted}{hint}")
 
 

@@ -27,7 +27,10 @@ def _log(msg: str) -> None:
 
 def load_model(checkpoint: str, tokenizer: str | None = None) -> Any:
     """LanguageModel from a run dir, export dir or .gguf (via effllm_jax.export)."""
+    from effllm_jax import rundir
     from effllm_jax.export import load_language_model  # late: keeps `--help` fast
+    rundir.kind(checkpoint)  # names a missing model or file before the slow load
+    _log(f"loading {checkpoint}")
     lm = load_language_model(checkpoint)
     if tokenizer:
         from effllm_jax.export.tokenizer_io import load_tokenizer  # ours, SentencePiece or HF
@@ -111,7 +114,6 @@ def _run(args) -> dict:
     buckets = _parse_buckets(args.buckets)
     if args.text_file and not Path(args.text_file).is_file():
         raise FileNotFoundError(f"--text_file={args.text_file} does not exist")
-    _log(f"loading {args.checkpoint}")
     lm = load_model(args.checkpoint, args.tokenizer)
     max_length = args.max_length or model_max_length(lm)
     results: dict[str, Any] = {"checkpoint": str(args.checkpoint), "tasks": {}, "average": None}
