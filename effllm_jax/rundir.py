@@ -52,11 +52,12 @@ def _json(path: str) -> dict | None:
 
 
 def kind(path: str) -> str:
-    """'run', 'flax', 'hf' or 'gguf'; raises ModelPathError naming what is missing."""
+    """'run', 'flax', 'hf' or 'gguf'; raises ModelPathError naming what is missing (and
+    FileNotFoundError when nothing is at `path`)."""
     if paths.is_remote(path):
         return "run"
     if not os.path.exists(path):
-        raise ModelPathError(f"no model at {path}: it does not exist")
+        raise FileNotFoundError(f"no model at {path}: it does not exist")
     if os.path.isfile(path):
         if is_gguf(path):
             return "gguf"

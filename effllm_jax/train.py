@@ -222,8 +222,8 @@ def run(config, workdir: str, allow_config_change: bool = False
 
     # ---------------------------------------------------------------- checkpoint
     ckpt = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints)
-    if ckpt.latest_step() is not None:
-        step = ckpt.latest_step()
+    step = ckpt.latest_step()  # resume.check has vetted it
+    if step is not None:
         abstract = jax.eval_shape(lambda: ts.init_state(step_cfg, tx, jax.random.key(t.seed)))
         state = ckpt.restore_state(ckpt_lib.abstract_with_shardings(abstract, state_sh), step)
         start = step

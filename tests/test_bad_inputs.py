@@ -308,3 +308,16 @@ def test_export_overwrite_replaces_the_directory_whole(files, tmp_path):
     assert not (out / "tokenizer.json").exists() and (out / "export.json").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging directory left
     assert tree_hash(names["run"]) == run_hash
+
+
+def test_readers_create_nothing(files, tmp_path):
+    names, _, _ = files
+    run = tmp_path / "no_checkpoint"
+    shutil.copytree(names["no_checkpoint"], run)
+    assert resume.check(str(run), _load_config(names["cfg"])) is None  # a new run
+    from effllm_jax import checkpoint
+    reader = checkpoint.Checkpointer(str(run), read_only=True)
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint"):
+        reader.restore_meta()
+    reader.close()
+    assert [p.name for p in run.iterdir()] == ["config.json"]  # no checkpoints/ made
