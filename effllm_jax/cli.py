@@ -24,10 +24,15 @@ def one_line(error: BaseException | str) -> str:
     return " ".join(str(error).split())
 
 
+def report(prog: str, error: BaseException | str) -> int:
+    """Prints `prog: error: message` on stderr; returns the exit status, 2."""
+    print(f"{prog}: error: {one_line(error)}", file=sys.stderr, flush=True)
+    return 2
+
+
 def fail(prog: str, error: BaseException | str) -> NoReturn:
     """Prints `prog: error: message` on stderr and exits with status 2."""
-    print(f"{prog}: error: {one_line(error)}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    sys.exit(report(prog, error))
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from effllm_jax import paths
-from effllm_jax.cli import OneLineParser, user_errors
+from effllm_jax.cli import USER_ERRORS, OneLineParser, report
 from effllm_jax.model.llama import ModelConfig
 from effllm_jax.pruning import groups
 from effllm_jax.pruning.select import TYPE_UNIT, UNITS
@@ -196,11 +196,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="output directory (default WORKDIR/plots)")
     parser.add_debug_flag()
     args = parser.parse_args(argv)
-    with user_errors(parser.prog, args.debug, extra=(RuntimeError,)):
+    try:
         for w in (args.workdir, *args.compare):
             if not paths.exists(w):
                 raise FileNotFoundError(f"run directory {w} does not exist")
         written = plot_run(args.workdir, tuple(args.compare), args.out)
+    except (*USER_ERRORS, RuntimeError) as e:
+        if args.debug:
+            raise
+        return report(parser.prog, e)
     print("\n".join(written))
     return 0
 

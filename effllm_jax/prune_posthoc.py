@@ -39,7 +39,7 @@ from effllm_jax import data as data_lib
 from effllm_jax import train_step as ts
 from effllm_jax.arch import ArchSpec
 from effllm_jax.cli import (USER_ERRORS, OneLineParser, non_negative_float, non_negative_int,
-                            one_line, positive_int)
+                            positive_int, report)
 from effllm_jax.model import llama
 from effllm_jax.model.llama import Masks, ModelConfig
 from effllm_jax.pruning import compensate, groups, history, saliency
@@ -251,8 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     except (*USER_ERRORS, ckpt_lib.CheckpointError) as e:
         if args.debug:
             raise
-        print(f"{parser.prog}: error: {one_line(e)}", file=sys.stderr)
-        return 2
+        return report(parser.prog, e)
     print(f"pruned {args.source} -> {args.out} ({args.method}, {args.scope}, "
           f"compensation {args.compensation})")
     print(spec.summary())
