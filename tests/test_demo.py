@@ -1,4 +1,5 @@
-"""The demo is reproducible: a shortened demo prints exactly the committed architecture.
+"""The demo is reproducible: a shortened demo prints exactly the committed architecture, from
+exactly the committed tokenizer.
 
 It is the README's command (configs/tiny.py on Jane Austen's novels, the tokenizer trained on
 a fixed thread count) with fewer steps and an earlier, shorter pruning schedule, run as a user
@@ -6,6 +7,7 @@ runs it: the train CLI in a fresh process on one CPU device. If this test fails 
 deliberate change to training, data or pruning, rerun the demo and update both
 tests/data/demo_short.txt and the README's printed result.
 """
+import hashlib
 import os
 import subprocess
 import sys
@@ -16,6 +18,8 @@ SHORT = ["--config.train.steps=40", "--config.prune.warmup_steps=10",
          "--config.prune.prune_steps=20", "--config.prune.every=5",
          "--config.optim.warmup_steps=10", "--config.train.checkpoint_every=40",
          "--config.train.eval_every=0"]
+# sha256 of the demo's tokenizer.model: SentencePiece writes other bytes on another thread count
+TOKENIZER_SHA256 = "d570eca784c5e18d54218ba0c2dfb16742a7d6d0729f854f291ce172a26c3507"
 
 
 def test_short_demo_prints_the_committed_architecture(tmp_path):
@@ -32,3 +36,5 @@ def test_short_demo_prints_the_committed_architecture(tmp_path):
                                            if line.startswith("pruned:"))]
     with open(EXPECTED) as f:
         assert printed == f.read().splitlines()
+    with open(tmp_path / "demo" / "tokenizer.model", "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == TOKENIZER_SHA256
