@@ -170,25 +170,30 @@ def main(argv) -> None:
     del argv
     from absl import flags
     f = flags.FLAGS
-    try:
+    from effllm_jax.cli import user_errors
+    with user_errors("effllm_jax.aot", f.debug, extra=(AotError,)):
         report = compile_step(f.config, f.topology, f.hbm_gib)
-    except AotError as e:
-        print(f"aot: {e}", file=sys.stderr)
-        sys.exit(2)
     print_report(report)
     if not report.fits:
         sys.exit(1)
 
 
-def cli() -> None:
-    """Entry point: absl flags with ml_collections config overrides."""
-    from absl import app, flags
+def define_flags() -> None:
+    """The aot CLI's flags (loads --config and checks its --config.* overrides)."""
+    from absl import flags
     from ml_collections import config_flags
+    config_lib.check_overrides(sys.argv)
     config_flags.DEFINE_config_file("config", train.DEFAULT_CONFIG, "experiment config file",
                                     lock_config=True)
     flags.DEFINE_string("topology", "v5e:2x2", "TPU topology, e.g. v5e:4x4, v5e:8x8, v5p:2x2x2")
     flags.DEFINE_float("hbm_gib", 0.0, "HBM per chip in GiB (0: known from the chip kind)")
-    app.run(main)
+    flags.DEFINE_bool("debug", False, "show the traceback of an error instead of one line")
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """Entry point: absl flags with ml_collections config overrides; errors are one line."""
+    from effllm_jax import cli as cli_lib
+    cli_lib.run_absl("effllm_jax.aot", define_flags, main, argv)
 
 
 if __name__ == "__main__":

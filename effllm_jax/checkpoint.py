@@ -35,8 +35,10 @@ def _directory(workdir: str) -> epath.Path:
 class Checkpointer:
     """Saves and restores {state, spec, data} steps of one run directory."""
 
-    def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+    def __init__(self, workdir: str, keep: int = 3, async_save: bool = True,
+                 read_only: bool = False):
+        # read_only: a reader (export, evaluate, a resume check) never creates checkpoints/
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
                                                enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(_directory(workdir), options=options,
                                              item_names=("state", "spec", "data"))
@@ -164,7 +166,7 @@ def load_inference(workdir: str, step: int | None = None) -> InferenceCheckpoint
     from effllm_jax import config as config_lib, train_step as ts  # late: the model stack
 
     config = load_run_config(workdir)
-    ckpt = Checkpointer(workdir, async_save=False)
+    ckpt = Checkpointer(workdir, async_save=False, read_only=True)
     step, spec, _ = ckpt.restore_meta(step)
     cfg = spec.model_config
     step_cfg = ts.StepConfig(cfg, None, None, config.prune.criterion,

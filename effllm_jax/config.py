@@ -7,7 +7,10 @@ names the first problem it finds.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import os
+import re
 
 import ml_collections
 
@@ -100,8 +103,53 @@ def target_params(config: ml_collections.ConfigDict) -> int:
     return prune_validate.target_params(config.prune, model_config(config))
 
 
+def field_names(config: ml_collections.ConfigDict) -> list[str]:
+    """Every field of `config` as a dotted name ('train.steps', 'data.tokenizer.vocab_size')."""
+    names = []
+    for key, value in config.items():
+        if isinstance(value, (ml_collections.ConfigDict, dict)):
+            names += [f"{key}.{sub}" for sub in field_names(ml_collections.ConfigDict(value))]
+        else:
+            names.append(key)
+    return names
+
+
+def check_field_name(dotted: str, known: list[str] | None = None) -> None:
+    """Raises ValueError naming an unknown config field and the nearest known one."""
+    known = field_names(base_config()) if known is None else known
+    dotted = re.sub(r"\[.*$", "", dotted)  # an element override such as mesh.shape[0]
+    if dotted in known or any(k.startswith(dotted + ".") for k in known):
+        return
+    section, _, leaf = dotted.rpartition(".")
+    same_leaf = [k for k in known if k.rpartition(".")[2] == leaf]  # train.lr -> optim.lr
+    in_section = [k for k in known if k.rpartition(".")[0] == section]
+    nearest = same_leaf or difflib.get_close_matches(dotted, in_section, n=1, cutoff=0.6) or \
+        difflib.get_close_matches(dotted, known, n=1, cutoff=0.5)
+    hint = f"; did you mean {' or '.join(nearest)}?" if nearest else ""
+    raise ValueError(f"unknown config field {dotted}{hint}")
+
+
+def check_overrides(argv: list[str]) -> None:
+    """Checks that --config=FILE[:arg] exists and that --config.a.b=value overrides name known
+    fields (before the flags parse them)."""
+    known = field_names(base_config())
+    for arg in argv:
+        match = re.match(r"^--(?:no)?config\.([^=]+)", arg)
+        if match:
+            check_field_name(match.group(1), known)
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1].split(":", 1)[0]
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"--config={path}: no such config file")
+
+
 # Loop and optimizer numbers that must lie in a range: (section, field, test, what it must be).
 _RANGES = (
+    ("model", "rope_theta", lambda v: v > 0, "> 0"),
+    ("model", "norm_eps", lambda v: v > 0, "> 0"),
+    ("model", "init_std", lambda v: v > 0, "> 0"),
+    ("model", "attention_block", lambda v: v >= 1, ">= 1"),
+    ("train", "seed", lambda v: v >= 0 and float(v).is_integer(), "a whole number >= 0"),
     ("train", "log_every", lambda v: v >= 1, ">= 1"),
     ("train", "checkpoint_every", lambda v: v >= 1, ">= 1"),
     ("train", "keep_checkpoints", lambda v: v >= 1, ">= 1 (0 would delete every checkpoint)"),
@@ -131,6 +179,9 @@ def _check_ranges(config: ml_collections.ConfigDict) -> None:
 
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     """Raises ValueError naming the first illegal setting."""
+    known = field_names(base_config())
+    for name in field_names(config):
+        check_field_name(name, known)
     m = config.model
     if min(m.vocab_size, m.d_model, m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim,
            m.ffn_dim) <= 0:

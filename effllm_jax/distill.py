@@ -169,7 +169,7 @@ def _read_spec(path: str) -> ArchSpec:
         cfg = hf.config_from_hf(hf.read_hf_config(path))
     else:
         checkpoint.load_run_config(path)  # names a directory that is no run, creates nothing
-        ckpt = checkpoint.Checkpointer(path, async_save=False)
+        ckpt = checkpoint.Checkpointer(path, async_save=False, read_only=True)
         try:
             return ckpt.restore_meta()[1]
         finally:

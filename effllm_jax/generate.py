@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from effllm_jax.arch import ArchSpec
-from effllm_jax.cli import OneLineParser, non_negative_float, positive_int, unit_interval
+from effllm_jax.cli import (OneLineParser, non_negative_float, positive_int, unit_interval,
+                            user_errors)
 from effllm_jax.model.compact import apply_compact
 from effllm_jax.model.decode import Decoder
 from effllm_jax.model.lm import LanguageModel
@@ -151,7 +152,8 @@ def generate(lm: LanguageModel, prompt: str | Sequence[int], **kwargs) -> Genera
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
-    parser = OneLineParser(prog="python -m effllm_jax.generate")
+    prog = "python -m effllm_jax.generate"
+    parser = OneLineParser(prog=prog)
     parser.add_argument("--model", required=True, help="workdir, export dir, HF dir or .gguf")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--max_new_tokens", type=positive_int, default=32)
@@ -162,15 +164,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="stop string (repeatable); the text is cut before it")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--add_bos", action="store_true")
+    parser.add_debug_flag()
     args = parser.parse_args(argv)
     from effllm_jax.evaluate.suite import model_max_length
     from effllm_jax.export import load_language_model
 
-    lm = load_language_model(args.model)
-    out = generate(lm, args.prompt, max_new_tokens=args.max_new_tokens,
-                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   seed=args.seed, add_bos=args.add_bos, stop=args.stop,
-                   max_length=model_max_length(lm))
+    with user_errors(prog, args.debug):
+        lm = load_language_model(args.model)
+        out = generate(lm, args.prompt, max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                       seed=args.seed, add_bos=args.add_bos, stop=args.stop,
+                       max_length=model_max_length(lm))
     print(args.prompt + (out.text if out.text is not None else " ".join(map(str, out.tokens))))
     return 0
 

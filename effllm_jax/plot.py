@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from effllm_jax import paths
-from effllm_jax.cli import OneLineParser
+from effllm_jax.cli import USER_ERRORS, OneLineParser, report
 from effllm_jax.model.llama import ModelConfig
 from effllm_jax.pruning import groups
 from effllm_jax.pruning.select import TYPE_UNIT, UNITS
@@ -194,16 +194,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", required=True, help="run directory (with checkpoints)")
     parser.add_argument("--compare", nargs="*", default=(), help="other runs for loss.png")
     parser.add_argument("--out", default=None, help="output directory (default WORKDIR/plots)")
+    parser.add_debug_flag()
     args = parser.parse_args(argv)
-    for w in (args.workdir, *args.compare):
-        if not paths.exists(w):
-            print(f"error: run directory {w} does not exist", file=sys.stderr)
-            return 2
     try:
+        for w in (args.workdir, *args.compare):
+            if not paths.exists(w):
+                raise FileNotFoundError(f"run directory {w} does not exist")
         written = plot_run(args.workdir, tuple(args.compare), args.out)
-    except (OSError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (*USER_ERRORS, RuntimeError) as e:
+        if args.debug:
+            raise
+        return report(parser.prog, e)
     print("\n".join(written))
     return 0
 

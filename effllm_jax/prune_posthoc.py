@@ -38,6 +38,8 @@ from effllm_jax import config as config_lib
 from effllm_jax import data as data_lib
 from effllm_jax import train_step as ts
 from effllm_jax.arch import ArchSpec
+from effllm_jax.cli import (USER_ERRORS, OneLineParser, non_negative_float, non_negative_int,
+                            positive_int, report)
 from effllm_jax.model import llama
 from effllm_jax.model.llama import Masks, ModelConfig
 from effllm_jax.pruning import compensate, groups, history, saliency
@@ -49,21 +51,20 @@ SCOPES = ("global", "layer")
 
 def load_source(source: str) -> tuple[ml_collections.ConfigDict, dict, Masks, str | None]:
     """(run config, params, masks, tokenizer path) of a run directory or an imported model."""
-    if not os.path.exists(source):
-        raise FileNotFoundError(f"--source={source} does not exist")
+    from effllm_jax import rundir
     from effllm_jax.export import api, import_hf, import_gguf
-    if os.path.isdir(source) and os.path.exists(os.path.join(source, ckpt_lib.CONFIG_FILE)) \
-            and os.path.isdir(os.path.join(source, "checkpoints")):
+    found = rundir.kind(source)  # by contents; names a missing file
+    if found == "run":
         config = ckpt_lib.load_run_config(source)
         ck = ckpt_lib.load_inference(source)
         return config, ck.params, ck.masks, api.run_tokenizer_path(source)
-    if api.is_gguf(source):
+    if found == "gguf":
         cfg, params, masks = import_gguf(source)
-    elif os.path.isdir(source):
+    elif found == "hf":
         cfg, params, masks = import_hf(source)
     else:
-        raise ValueError(f"--source={source} is neither a run directory, a Hugging Face "
-                         f"directory nor a .gguf file")
+        raise ValueError(f"--source={source} is a {found} export; prune a run directory, a "
+                         f"Hugging Face directory or a .gguf file")
     config = config_lib.base_config()
     config.model.update(**{k: getattr(cfg, k) for k in config.model})
     config.data = ml_collections.ConfigDict(dict(kind="synthetic", vocab_size=cfg.vocab_size))
@@ -224,21 +225,22 @@ def run(source: str, out: str, *, method: str, scope: str = "global",
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI; bad input gets one line on stderr and exit status 1."""
-    parser = argparse.ArgumentParser(prog="python -m effllm_jax.prune_posthoc",
-                                     description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    """CLI; bad input gets one line on stderr and exit status 2 (--debug: the traceback)."""
+    parser = OneLineParser(prog="python -m effllm_jax.prune_posthoc", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", required=True, help="run dir, HF dir or .gguf file")
     parser.add_argument("--out", required=True, help="new run directory")
     parser.add_argument("--method", required=True, help=" | ".join(METHODS))
     parser.add_argument("--scope", default="global", help=" | ".join(SCOPES))
-    parser.add_argument("--target_params", type=int, default=0)
-    parser.add_argument("--target_fraction", type=float, default=0.0)
+    parser.add_argument("--target_params", type=non_negative_int, default=0)
+    parser.add_argument("--target_fraction", type=non_negative_float, default=0.0)
     parser.add_argument("--compensation", default="none", help="none | obs")
-    parser.add_argument("--damping", type=float, default=0.01)
-    parser.add_argument("--obs_block", type=int, default=0)
-    parser.add_argument("--calibration_batches", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=None, help="train.steps of the new run")
+    parser.add_argument("--damping", type=non_negative_float, default=0.01)
+    parser.add_argument("--obs_block", type=non_negative_int, default=0)
+    parser.add_argument("--calibration_batches", type=positive_int, default=8)
+    parser.add_argument("--steps", type=positive_int, default=None,
+                        help="train.steps of the new run")
+    parser.add_debug_flag()
     args = parser.parse_args(argv)
     try:
         spec = run(args.source, args.out, method=args.method, scope=args.scope,
@@ -246,9 +248,10 @@ def main(argv: list[str] | None = None) -> int:
                    compensation=args.compensation, damping=args.damping,
                    obs_block=args.obs_block, calibration_batches=args.calibration_batches,
                    steps=args.steps)
-    except (ValueError, FileNotFoundError, FileExistsError, ckpt_lib.CheckpointError) as e:
-        print(f"prune_posthoc: error: {e}", file=sys.stderr)
-        return 1
+    except (*USER_ERRORS, ckpt_lib.CheckpointError) as e:
+        if args.debug:
+            raise
+        return report(parser.prog, e)
     print(f"pruned {args.source} -> {args.out} ({args.method}, {args.scope}, "
           f"compensation {args.compensation})")
     print(spec.summary())

@@ -23,7 +23,7 @@ import numpy as np
 from effllm_jax import checkpoint as ckpt_lib
 from effllm_jax import config as config_lib
 from effllm_jax import data as data_lib
-from effllm_jax import distill, distributed, mfu, paths, sharding
+from effllm_jax import distill, distributed, mfu, paths, resume, sharding
 from effllm_jax import phases as phases_lib
 from effllm_jax import train_step as ts
 from effllm_jax.arch import ArchSpec
@@ -189,8 +189,12 @@ class MetricWriter:
             self.tb.close()
 
 
-def run(config, workdir: str) -> tuple[ts.TrainState, ArchSpec]:
-    """Trains (or resumes) the run in `workdir`; returns the final state and architecture."""
+def run(config, workdir: str, allow_config_change: bool = False
+        ) -> tuple[ts.TrainState, ArchSpec]:
+    """Trains (or resumes) the run in `workdir`; returns the final state and architecture.
+
+    A resume that changes the model shape is refused, and one that changes the data mix,
+    tokenizer or seed unless `allow_config_change` (effllm_jax.resume)."""
     # ---------------------------------------------------------------- config
     config_lib.validate(config, jax.device_count())
     cfg, t = config_lib.model_config(config), config.train
@@ -198,6 +202,8 @@ def run(config, workdir: str) -> tuple[ts.TrainState, ArchSpec]:
     is_main = jax.process_index() == 0
     paths.check_access(workdir)  # a gs:// workdir without client or credentials: say so now
     distributed.check_shared_run_dir(workdir)  # per-host local folders would hang in Orbax
+    resume.check(workdir, config, allow_config_change,  # before the data pipeline writes
+                 log=print if is_main else lambda _: None)
 
     # ---------------------------------------------------------------- input
     dataset = data_lib.build_dataset(config.data, seq_len=t.seq_len, global_batch=t.global_batch,
@@ -216,17 +222,8 @@ def run(config, workdir: str) -> tuple[ts.TrainState, ArchSpec]:
 
     # ---------------------------------------------------------------- checkpoint
     ckpt = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints)
-    if ckpt.latest_step() is not None:
-        step, spec, position = ckpt.restore_meta()
-        shape_fields = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
-                        "head_dim", "ffn_dim", "tie_embeddings")  # numerics (dtype, remat) may change
-        saved = {k: spec.model[k] for k in shape_fields}
-        if saved != {k: getattr(cfg, k) for k in shape_fields}:
-            raise ValueError(f"{workdir} holds a run of a different model ({saved}); use a "
-                             f"new --workdir or the same model shape")
-        if position.get("seed") != t.seed:
-            raise ValueError(f"{workdir} was trained with train.seed={position.get('seed')}, "
-                             f"not {t.seed}: resuming would change the data order")
+    step = ckpt.latest_step()  # resume.check has vetted it
+    if step is not None:
         abstract = jax.eval_shape(lambda: ts.init_state(step_cfg, tx, jax.random.key(t.seed)))
         state = ckpt.restore_state(ckpt_lib.abstract_with_shardings(abstract, state_sh), step)
         start = step
@@ -235,7 +232,7 @@ def run(config, workdir: str) -> tuple[ts.TrainState, ArchSpec]:
         state = distill.install(trainer.init(jax.random.key(t.seed)), teacher, state_sh)
         start = 0
     if is_main:
-        ckpt_lib.save_run_config(workdir, config)
+        resume.save_config(workdir, config)  # the first config.json kept; changes versioned
 
     tokens_per_step = t.global_batch * t.seq_len
 
@@ -326,12 +323,12 @@ def main(argv) -> None:
         distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
         if jax.process_index() != 0:  # one process logs for the run
             logging.set_verbosity(logging.ERROR)
-        _, spec = run(f.config, f.workdir)
-    except (ValueError, ckpt_lib.CheckpointError) as e:  # the user's to fix: one line, exit 2
+        _, spec = run(f.config, f.workdir, f.allow_config_change)
+    except (ValueError, OSError, ckpt_lib.CheckpointError) as e:  # the user's: one line, exit 2
         if f.debug:
             raise
-        print(f"effllm_jax.train: error: {' '.join(str(e).split())}", file=sys.stderr)
-        sys.exit(2)
+        from effllm_jax.cli import fail
+        fail("effllm_jax.train", e)
     if jax.process_index() == 0:
         print("\nArchitecture found by pruning-aware pretraining:")
         print(spec.summary())
@@ -344,13 +341,16 @@ def main(argv) -> None:
             print(f"warning: plots not written: {e}", file=sys.stderr)
 
 
-def cli() -> None:
-    """Entry point: absl flags with ml_collections config overrides."""
-    from absl import app, flags
+def define_flags() -> None:
+    """The train CLI's flags (loads --config and checks its --config.* overrides)."""
+    from absl import flags
     from ml_collections import config_flags
+    config_lib.check_overrides(sys.argv)  # an unknown field: named, with the nearest known one
     config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "experiment config file",
                                     lock_config=True)
     flags.DEFINE_bool("debug", False, "show the traceback of a configuration or input error")
+    flags.DEFINE_bool("allow_config_change", False, "resume even though the data mix, "
+                      "tokenizer or seed differ from the run's (logged)")
     flags.DEFINE_string("workdir", "runs/default",
                         "run directory, local or gs://bucket/run (resumes if it has checkpoints)")
     flags.DEFINE_string("coordinator_address", None, "multi-host: process 0's HOST:PORT "
@@ -359,7 +359,12 @@ def cli() -> None:
                          "(or $EFFLLM_NUM_PROCESSES)")
     flags.DEFINE_integer("process_id", None, "multi-host: this process, 0..num_processes-1 "
                          "(or $EFFLLM_PROCESS_ID)")
-    app.run(main)
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """Entry point: absl flags with ml_collections config overrides; errors are one line."""
+    from effllm_jax import cli as cli_lib
+    cli_lib.run_absl("effllm_jax.train", define_flags, main, argv)
 
 
 if __name__ == "__main__":

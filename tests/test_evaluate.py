@@ -443,8 +443,9 @@ def test_cli_writes_json_and_prints_table(tmp_path, monkeypatch, capsys):
     assert saved["perplexity"]["tokens"] == len("some held-out text\n")
     printed = capsys.readouterr().out
     assert printed.splitlines()[0].split() == ["Model", "t", "Avg."] and "stub" in printed
-    with pytest.raises(SystemExit, match="unknown task 'nope'"):
+    with pytest.raises(SystemExit) as exit_:
         cli.main(["--checkpoint=fake", "--tasks=nope"])
+    assert exit_.value.code == 2 and "unknown task 'nope'" in capsys.readouterr().err
 
 
 def test_harness_adapter_without_lm_eval():

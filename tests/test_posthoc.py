@@ -119,7 +119,7 @@ def test_written_run_exports_to_transformers_and_train_continues_it(pruned_runs,
 def test_bad_input_gets_one_clear_line(source, tmp_path, capsys, args, words):
     code = prune_posthoc.main([f"--source={source}", f"--out={tmp_path / 'x'}", *args])
     err = capsys.readouterr().err.strip()
-    assert code == 1 and len(err.splitlines()) == 1 and words in err, err
+    assert code == 2 and len(err.splitlines()) == 1 and words in err, err
     assert not (tmp_path / "x" / "checkpoints").exists()
 
 

@@ -4,7 +4,8 @@ r"""CLI: score a training run, an export dir or a GGUF file on zero-shot tasks.
         --tasks=arc_challenge,arc_easy,boolq,hellaswag,openbookqa,piqa,winogrande \
         --limit=500 --out=results.json [--text_file=heldout.txt]
 
-Prints a table shaped like the paper's Table 2 and writes all numbers as JSON.
+Prints a table shaped like the paper's Table 2 and writes all numbers as JSON. Errors are one
+line with exit status 2 (--debug shows the traceback).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from effllm_jax.cli import OneLineParser, positive_int
+from effllm_jax.cli import OneLineParser, positive_int, user_errors
 from effllm_jax.evaluate import tasks as task_lib
 from effllm_jax.evaluate.scoring import DEFAULT_BATCH_SIZE, DEFAULT_BUCKETS
 
@@ -26,16 +27,16 @@ def _log(msg: str) -> None:
 
 def load_model(checkpoint: str, tokenizer: str | None = None) -> Any:
     """LanguageModel from a run dir, export dir or .gguf (via effllm_jax.export)."""
+    from effllm_jax import rundir
     from effllm_jax.export import load_language_model  # late: keeps `--help` fast
-    try:
-        lm = load_language_model(checkpoint)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: cannot load {checkpoint}: {e}") from None
+    rundir.kind(checkpoint)  # names a missing model or file before the slow load
+    _log(f"loading {checkpoint}")
+    lm = load_language_model(checkpoint)
     if tokenizer:
         from effllm_jax.export.tokenizer_io import load_tokenizer  # ours, SentencePiece or HF
         lm.tokenizer = load_tokenizer(tokenizer)
     if getattr(lm, "tokenizer", None) is None:
-        raise SystemExit(f"{checkpoint} has no tokenizer; pass --tokenizer=PATH")
+        raise ValueError(f"{checkpoint} has no tokenizer; pass --tokenizer=PATH")
     return lm
 
 
@@ -45,7 +46,7 @@ def parse_metric_overrides(text: str) -> dict[str, str]:
     for part in filter(None, (p.strip() for p in text.split(","))):
         task, sep, metric = part.partition("=")
         if not sep:
-            raise SystemExit(f"--metrics entry {part!r} is not TASK=METRIC")
+            raise ValueError(f"--metrics entry {part!r} is not TASK=METRIC")
         out[task.strip()] = metric.strip()
     return out
 
@@ -79,32 +80,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=positive_int, default=None,
                    help="perplexity window stride (default: max_length, disjoint windows)")
     p.add_argument("--name", default=None, help="model name in the table")
+    p.add_debug_flag()
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """Runs the CLI; returns the results dict."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    with user_errors(parser.prog, args.debug):
+        return _run(args)
+
+
+def _parse_buckets(text: str) -> tuple[int, ...]:
+    try:
+        buckets = tuple(int(b) for b in text.split(",") if b.strip())
+    except ValueError:
+        raise ValueError(f"--buckets={text!r} is not a comma list of lengths") from None
+    if not buckets or min(buckets) < 1:
+        raise ValueError(f"--buckets={text!r}: lengths must be >= 1")
+    return buckets
+
+
+def _run(args) -> dict:
     from effllm_jax.evaluate.perplexity import perplexity
     from effllm_jax.evaluate.suite import evaluate_tasks, format_table, model_max_length
 
     run_tasks = None if args.tasks.strip().lower() == "none" else args.tasks
     if run_tasks is not None:
         from effllm_jax.evaluate.suite import parse_tasks
-        try:
-            parse_tasks(run_tasks)  # fail on a bad task name before the slow model load
-        except ValueError as e:
-            raise SystemExit(f"error: {e}") from None
-    _log(f"loading {args.checkpoint}")
+        parse_tasks(run_tasks)  # fail on a bad task name before the slow model load
+    metrics = parse_metric_overrides(args.metrics)
+    buckets = _parse_buckets(args.buckets)
+    if args.text_file and not Path(args.text_file).is_file():
+        raise FileNotFoundError(f"--text_file={args.text_file} does not exist")
     lm = load_model(args.checkpoint, args.tokenizer)
-    buckets = tuple(int(b) for b in args.buckets.split(",") if b)
     max_length = args.max_length or model_max_length(lm)
     results: dict[str, Any] = {"checkpoint": str(args.checkpoint), "tasks": {}, "average": None}
     if run_tasks is not None:
         results.update(evaluate_tasks(lm, run_tasks, args.limit, data_dir=args.data_dir,
                                       batch_size=args.batch_size, max_length=max_length,
                                       buckets=buckets, add_bos=args.add_bos,
-                                      metrics=parse_metric_overrides(args.metrics), log=_log))
+                                      metrics=metrics, log=_log))
         results["checkpoint"] = str(args.checkpoint)
     if args.text_file:
         text = Path(args.text_file).read_text(encoding="utf-8")

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import jax
 import numpy as np
 
-from effllm_jax import paths
+from effllm_jax import paths, rundir
 from effllm_jax.arch import ArchSpec
 from effllm_jax.export import flax_io, gguf_import, hf, tokenizer_io, widths
 from effllm_jax.model.compact import slice_params
@@ -29,16 +29,16 @@ Format = Literal["flax", "hf"]
 
 def is_gguf(path: str) -> bool:
     """True for a GGUF file (by magic bytes)."""
-    if not os.path.isfile(path):
-        return False
-    with open(path, "rb") as f:
-        return f.read(4) == b"GGUF"
+    return rundir.is_gguf(path)
 
 
 def load_run(workdir: str, step: int | None = None) -> tuple[ArchSpec, dict, str | None]:
     """(spec, compact params, tokenizer path or None) of a training checkpoint."""
     from effllm_jax import checkpoint  # imported late: training-only dependencies
 
+    saved = [] if paths.is_remote(workdir) else rundir.checkpoint_steps(workdir)
+    if step is not None and saved and step not in saved:
+        raise ValueError(f"{workdir} has no checkpoint step {step}; saved steps: {saved}")
     ck = checkpoint.load_inference(workdir, step=step)
     spec, params = slice_params(ck.params, ck.masks, ck.cfg)
     saved = getattr(ck, "spec", None)
@@ -102,15 +102,10 @@ def load_exported(path: str) -> LanguageModel:
 
 def load_language_model(path: str, step: int | None = None) -> LanguageModel:
     """Any model we can read: a training workdir (local or gs://), an export, or a .gguf file."""
-    if paths.is_remote(path):  # only training runs live at URLs
-        return _load_run_model(path, step)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no model at {path}")
-    if os.path.isfile(path):
-        if is_gguf(path):
-            return gguf_import.load_gguf(path)
-        raise ValueError(f"{path} is a file but not GGUF; pass a directory for other formats")
-    if flax_io.is_compact_export(path) or hf.is_hf_dir(path):
+    found = rundir.kind(path)  # by contents; names a missing file (gs:// URLs are runs)
+    if found == "gguf":
+        return gguf_import.load_gguf(path)
+    if found in ("flax", "hf"):
         return load_exported(path)
     return _load_run_model(path, step)
 
@@ -154,10 +149,64 @@ def export_model(out_dir: str, spec: ArchSpec, params: dict, fmt: Format = "flax
 
 
 def export_run(source: str, out_dir: str, fmt: Format = "flax", *, step: int | None = None,
-               **options: Any) -> list[str]:
-    """Exports a training workdir (or any model `load_language_model` reads) to `out_dir`."""
-    if paths.is_remote(source) or (os.path.isdir(source) and not (
-            flax_io.is_compact_export(source) or hf.is_hf_dir(source))):
+               overwrite: bool = False, **options: Any) -> list[str]:
+    """Exports a training workdir (or any model `load_language_model` reads) to `out_dir`.
+
+    A non-empty `out_dir` is refused unless `overwrite`; the export is written into a
+    temporary sibling directory and renamed into place, so `out_dir` is never half-written
+    and no file of an earlier export survives in it.
+    """
+    found = rundir.kind(source)  # before anything is written: names a missing file
+    target = _check_out_dir(source, out_dir, overwrite)
+    staging = tempfile.mkdtemp(dir=os.path.dirname(target), prefix=f".{os.path.basename(target)}.")
+    try:
+        notes = _export_into(staging, source, found, fmt, step, options)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes 0700; an export is shareable
+        _replace_dir(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return notes
+
+
+def _check_out_dir(source: str, out_dir: str, overwrite: bool) -> str:
+    """The absolute output directory; refuses a non-empty one (unless overwrite) or the source."""
+    if paths.is_remote(out_dir):
+        raise ValueError(f"--out={out_dir}: exports are written to a local directory")
+    target = os.path.abspath(out_dir)
+    if not paths.is_remote(source):
+        src = os.path.abspath(source)
+        if target == src or src.startswith(target + os.sep):
+            raise ValueError(f"--out={out_dir} would replace the source {source}; choose "
+                             f"another directory")
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise FileExistsError(f"--out={out_dir} is a file, not a directory")
+    if os.path.isdir(target) and os.listdir(target) and not overwrite:
+        raise FileExistsError(f"--out={out_dir} is not empty; pass --overwrite to replace it")
+    parent = os.path.dirname(target)
+    if not os.path.isdir(parent):
+        os.makedirs(parent)
+    return target
+
+
+def _replace_dir(new: str, target: str) -> None:
+    """Renames `new` to `target`; an existing `target` is moved aside first, then deleted."""
+    old = None
+    if os.path.exists(target):
+        old = tempfile.mkdtemp(dir=os.path.dirname(target),
+                               prefix=f".{os.path.basename(target)}.old.")
+        os.rmdir(old)
+        os.rename(target, old)
+    os.rename(new, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _export_into(out_dir: str, source: str, found: str, fmt: Format, step: int | None,
+                 options: dict) -> list[str]:
+    if found == "run":
         spec, params, tok_path = load_run(source, step)
         tokenizer = None
         if tok_path is not None:

@@ -164,10 +164,23 @@ def open_gguf(path: str) -> Any:
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no GGUF file at {path}")
+    size = os.path.getsize(path)
     try:
-        return gguf.GGUFReader(path)
+        reader = gguf.GGUFReader(path)
     except ValueError as e:
-        raise ValueError(f"{path} is not a readable GGUF file: {e}") from e
+        if "magic" in str(e) or "version" in str(e):
+            raise ValueError(f"{path} is not a readable GGUF file: {e}") from e
+        raise ValueError(f"GGUF file {path} is truncated or damaged ({size:,} bytes): "
+                         f"{e}") from e
+    except (IndexError, OverflowError) as e:  # the header runs past the end of the file
+        raise ValueError(f"GGUF file {path} is truncated ({size:,} bytes): its header "
+                         f"runs past the end") from e
+    for tensor in reader.tensors:
+        end = int(tensor.data_offset) + int(tensor.n_bytes)
+        if end > size:
+            raise ValueError(f"GGUF file {path} is truncated: {size:,} bytes, but tensor "
+                             f"{tensor.name} ends at byte {end:,}")
+    return reader
 
 
 def load_gguf_compact(path: str, reader: Any = None) -> tuple[ArchSpec, dict]:

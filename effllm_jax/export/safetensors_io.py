@@ -89,6 +89,7 @@ class TensorSource(contextlib.AbstractContextManager):
         for p in paths:
             if not os.path.exists(p):
                 raise FileNotFoundError(f"safetensors file {p} is missing")
+            check_complete(p)
             handle = self._stack.enter_context(safe_open(p, framework="numpy"))
             for name in handle.keys():
                 self._where[name] = handle
@@ -122,6 +123,29 @@ class TensorSource(contextlib.AbstractContextManager):
         if name not in self._where:
             raise KeyError(f"tensor {name} is missing from {self.path}")
         return self._where[name]
+
+
+def check_complete(path: str) -> None:
+    """Raises ValueError naming `path` as truncated when it is shorter than its header says."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise ValueError(f"safetensors file {path} is truncated ({size} bytes, no header)")
+        header_len = int.from_bytes(prefix, "little")
+        if 8 + header_len > size:
+            raise ValueError(f"safetensors file {path} is truncated: {size} bytes, shorter "
+                             f"than its {header_len}-byte header")
+        try:
+            header = json.loads(f.read(header_len))
+        except ValueError as e:
+            raise ValueError(f"safetensors file {path} has an unreadable header: {e}") from None
+    ends = [int(v["data_offsets"][1]) for k, v in header.items()
+            if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v]
+    need = 8 + header_len + max(ends, default=0)
+    if need > size:
+        raise ValueError(f"safetensors file {path} is truncated: {size} bytes of the {need} "
+                         f"its header describes")
 
 
 def find_weights(directory: str) -> str:
