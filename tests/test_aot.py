@@ -76,3 +76,45 @@ def test_report_ends_with_memory_against_hbm(reports, capsys):
     small = dataclasses.replace(report, hbm_bytes=1024)  # a chip too small: names the shortfall
     aot.print_report(small)
     assert "does not fit" in capsys.readouterr().out and not small.fits
+
+
+# ----------------------------------------------------------------------------------------
+# The update's params-sized temporaries: a config whose memory is nearly all parameters (wide
+# and deep, one 32-token row per chip) on 4 and on 8 chips. Per chip, one float32 params tree
+# shrinks from P/4 to P/8; every params-sized temporary (gradients, Adam's updates, masked
+# copies of an event, a branch's second copy of the state) shrinks with it, and the rest of the
+# temporaries (one gathered layer, a row's activations) stays. So (temp4 - temp8) / (P/4 - P/8)
+# counts the step's params-sized float32 temporaries per chip.
+# ----------------------------------------------------------------------------------------
+
+PARAM_BOUND_TOPOLOGIES = {4: "v5e:2x2", 8: "v5e:2x4"}
+MAX_PARAMS_SIZED_TEMPS = 2.5
+
+
+def params_bound(chips):
+    config = make_tiny_config(global_batch=chips, seq_len=32)
+    config.model.update(vocab_size=2048, d_model=256, num_layers=8, num_heads=4, num_kv_heads=4,
+                        head_dim=64, ffn_dim=1024)
+    config.data.vocab_size = 2048
+    config.mesh.shape = (1, -1, 1)
+    config.prune.criterion = "taylor_fisher"  # Σg: the state holds a fourth params-sized tree
+    return config
+
+
+@pytest.fixture(scope="module")
+def params_bound_reports():
+    return {chips: aot.compile_step(params_bound(chips), topology)
+            for chips, topology in PARAM_BOUND_TOPOLOGIES.items()}
+
+
+def test_update_holds_few_params_sized_temporaries(params_bound_reports):
+    four, eight = params_bound_reports[4], params_bound_reports[8]
+    # The donated state is four params-shaped float32 trees (params, Adam's two moments, Σg),
+    # sharded over every chip (as laid out on the chip, tile padding included): one tree is a
+    # quarter of the arguments (the masks, history and counters are a few KiB).
+    tree = {chips: r.argument_bytes / 4 for chips, r in params_bound_reports.items()}
+    assert tree[8] == pytest.approx(tree[4] / 2, rel=0.05)  # the state shrinks as 1/chips
+    buffers = (four.temp_bytes - eight.temp_bytes) / (tree[4] - tree[8])
+    # The gradients, and at most about one more (the event's scores); not a second copy of the
+    # state for the pruning event's lax.cond branch (4 trees) or the saliency window's (Σg).
+    assert buffers < MAX_PARAMS_SIZED_TEMPS, f"{buffers:.2f} params-sized f32 temporaries per chip"
