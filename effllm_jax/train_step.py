@@ -162,56 +162,6 @@ def prune_event(state: TrainState, cfg: StepConfig, tx: optax.GradientTransforma
                          stats=cfg.zero_stats())
 
 
-def accumulate_saliency(total: dict, params: dict, grads: dict, cfg: StepConfig,
-                        collecting: jax.Array) -> dict:
-    """saliency.accumulate on steps inside the pruning window, `total` outside it.
-
-    Only the mask-sized group sums are a `lax.cond` branch; the params-sized Σg is a select,
-    updated in place in its donated buffer (a branch would hold a second copy of it)."""
-    small = {k: v for k, v in total.items() if k != "grad_sum"}
-    out = jax.lax.cond(collecting,
-                       lambda: saliency.accumulate(small, params, grads, cfg.criterion),
-                       lambda: small)
-    if "grad_sum" in total:
-        out["grad_sum"] = jax.tree.map(
-            lambda a, g: jnp.where(collecting, a + g.astype(jnp.float32), a),
-            total["grad_sum"], grads)
-    return out
-
-
-def prune_if_event(state: TrainState, cfg: StepConfig, tx: optax.GradientTransformation,
-                   is_event: jax.Array, sequences: int = 1) -> TrainState:
-    """`prune_event(state)` when `is_event`, else `state`, as the compiled step does it.
-
-    A `lax.cond` over the whole state would give params, Adam moments and Σg a second,
-    params-sized output buffer each (the per-chip temporaries that do not shrink with the
-    batch). Here only the selection (masks and history: tiny) is a branch; the masks are
-    then applied to params and moments on every step, elementwise and in place. Between
-    events that is exactly the identity: pruned weights and their moments are +0 already."""
-    if cfg.compensation == "obs":  # the OBS solve moves kept weights: the whole event
-        return jax.lax.cond(is_event, lambda s: prune_event(s, cfg, tx, sequences),
-                            lambda s: s, state)  # stays one branch (as before: same numbers)
-
-    def select():
-        budget = cfg.schedule.budget(state.step)
-        fisher = (_adam_fisher(state.opt_state, cfg, sequences)
-                  if cfg.criterion in ("fisher", "taylor_fisher") else None)
-        scores = saliency.event_saliency(state.saliency, state.params, cfg.criterion, fisher)
-        masks, removed = select_with_record(state.masks, scores, cfg.model, budget, cfg.select)
-        return masks, history.record(state.history, removed, state.step)
-
-    masks, new_history = jax.lax.cond(is_event, select, lambda: (state.masks, state.history))
-    pmask = groups.param_masks(masks, cfg.model)
-    opt_state = optax.tree_map_params(
-        tx, lambda x, m: jnp.where(m, x, jnp.zeros((), x.dtype)), state.opt_state, pmask,
-        transform_non_params=lambda x: x)
-    reset = lambda fresh, old: jax.tree.map(lambda f, o: jnp.where(is_event, f, o), fresh, old)
-    return state.replace(masks=masks, params=mask_tree(state.params, pmask),
-                         opt_state=opt_state, history=new_history,
-                         saliency=reset(saliency.zeros(cfg.model, cfg.criterion), state.saliency),
-                         stats=reset(cfg.zero_stats(), state.stats))
-
-
 def train_step(state: TrainState, batch: jax.Array, *, cfg: StepConfig,
                tx: optax.GradientTransformation) -> tuple[TrainState, dict]:
     """One update on a [B, T+1] token batch; returns the new state and scalar metrics."""
@@ -249,13 +199,16 @@ def train_step(state: TrainState, batch: jax.Array, *, cfg: StepConfig,
                                                  lambda: loss_and_grads(False))
     # Exactly zero already (masked activations); explicit so moments of pruned weights stay 0.
     grads = mask_tree(grads, groups.param_masks(state.masks, cfg.model))
-    new_saliency = accumulate_saliency(state.saliency, state.params, grads, cfg,
-                                       cfg.schedule.collecting(step))
+    new_saliency = jax.lax.cond(
+        cfg.schedule.collecting(step),
+        lambda: saliency.accumulate(state.saliency, state.params, grads, cfg.criterion),
+        lambda: state.saliency)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     state = state.replace(step=step, params=optax.apply_updates(state.params, updates),
                           opt_state=opt_state, saliency=new_saliency, stats=stats)
     is_event = cfg.schedule.is_event(step)
-    state = prune_if_event(state, cfg, tx, is_event, batch.shape[0])
+    state = jax.lax.cond(is_event, lambda s: prune_event(s, cfg, tx, batch.shape[0]),
+                         lambda s: s, state)
     counts = groups.unit_counts(state.masks, cfg.model)
     metrics = {
         "loss": loss,
