@@ -21,6 +21,9 @@ import time
 
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server: we only describe chips
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the local backend; the TPU is only a target
+# No TPU is opened, so no need for libtpu's one-process lock (/tmp/libtpu_lockfile): two
+# compiles (or a compile beside a test run) may describe topologies at the same time.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax  # noqa: E402
 
@@ -86,6 +89,9 @@ def topology_devices(name: str) -> list:
         if importlib.util.find_spec("libtpu") is None:
             raise AotError("libtpu is not installed: pip install -e '.[tpu]'") from None
         message = (str(e).splitlines() or [type(e).__name__])[0]
+        if "lockfile" in message:  # ALLOW_MULTIPLE_LIBTPU_LOAD=0 and another process holds it
+            raise AotError(f"libtpu is in use by another process ({message}); set "
+                           f"ALLOW_MULTIPLE_LIBTPU_LOAD=1 to describe {name!r} beside it") from None
         raise AotError(f"unknown TPU topology {name!r}: {message}") from None
 
 

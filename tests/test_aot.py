@@ -76,3 +76,15 @@ def test_report_ends_with_memory_against_hbm(reports, capsys):
     small = dataclasses.replace(report, hbm_bytes=1024)  # a chip too small: names the shortfall
     aot.print_report(small)
     assert "does not fit" in capsys.readouterr().out and not small.fits
+
+
+def test_libtpu_held_by_another_process_is_named_not_an_unknown_topology(monkeypatch):
+    from jax.experimental import topologies
+
+    def locked(name, platform):
+        raise RuntimeError("ABORTED: Internal error when accessing libtpu multi-process lockfile.")
+
+    monkeypatch.setattr(topologies, "get_topology_desc", locked)
+    with pytest.raises(aot.AotError, match="libtpu is in use by another process.*"
+                                           "ALLOW_MULTIPLE_LIBTPU_LOAD=1"):
+        aot.topology_devices("v5e:2x2")
