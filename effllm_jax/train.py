@@ -23,7 +23,7 @@ import numpy as np
 from effllm_jax import checkpoint as ckpt_lib
 from effllm_jax import config as config_lib
 from effllm_jax import data as data_lib
-from effllm_jax import distill, distributed, mfu, paths, sharding
+from effllm_jax import distill, distributed, init_from, mfu, paths, sharding
 from effllm_jax import phases as phases_lib
 from effllm_jax import train_step as ts
 from effllm_jax.arch import ArchSpec
@@ -233,6 +233,7 @@ def run(config, workdir: str) -> tuple[ts.TrainState, ArchSpec]:
     else:
         teacher = distill.load_teacher(config, cfg, dataset.tokenizer)  # a path teacher, or None
         state = distill.install(trainer.init(jax.random.key(t.seed)), teacher, state_sh)
+        state = init_from.install(state, init_from.load(config, cfg, dataset.tokenizer), state_sh)
         start = 0
     if is_main:
         ckpt_lib.save_run_config(workdir, config)
