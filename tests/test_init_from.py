@@ -77,7 +77,9 @@ def test_the_data_are_tokenised_with_the_models_own_bpe(model_files, init_run):
     # the run directory keeps the BPE: exports, evaluation and a resume read the same one
     assert load_tokenizer(workdir).sha256 == ours.sha256
     assert load_language_model(workdir).tokenizer.encode(text) == theirs.encode(text)
-    again = build_dataset(config.data, seq_len=t.seq_len, global_batch=t.global_batch,
+    resumed = config.data.copy_and_resolve_references()  # no path: the run's own is used
+    resumed.tokenizer.update(path="", vocab_size=cfg.vocab_size)
+    again = build_dataset(resumed, seq_len=t.seq_len, global_batch=t.global_batch,
                           seed=t.seed, workdir=workdir)
     assert again.tokenizer.sha256 == ours.sha256
 
