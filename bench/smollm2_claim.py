@@ -47,7 +47,7 @@ def arm_config(arm: str, steps: int, batch: int, seq_len: int, target: int | Non
     if prune_steps < 1:
         raise SystemExit(f"--steps={steps} is too few for warm-up, pruning and continued training")
     config.train.update(global_batch=batch, seq_len=seq_len,
-                        checkpoint_every=max(1, steps // 4))
+                        checkpoint_every=max(1, steps // 2))  # each save copies ~1.6 GB
     config.optim.warmup_steps = max(1, min(config.optim.warmup_steps, steps // 4))
     if arm == "P":
         config.train.steps = warmup + prune_steps
