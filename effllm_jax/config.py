@@ -15,7 +15,7 @@ import re
 import ml_collections
 
 from effllm_jax import data as data_lib
-from effllm_jax import distill, phases, sharding
+from effllm_jax import distill, init_from, phases, sharding
 from effllm_jax.model import attention
 from effllm_jax.model.llama import REMAT_POLICIES, ModelConfig
 from effllm_jax.pruning import select
@@ -73,7 +73,8 @@ def base_config() -> ml_collections.ConfigDict:
         eval_tasks=(),  # zero-shot tasks scored during training, e.g. ('arc_easy', 'piqa')
         eval_tasks_every=0,  # every N steps and at the end (0: never)
         eval_tasks_limit=200,  # first N items of each task
-        loss_chunk=512))  # positions of logits per piece of the loss (0: whole sequence at once)
+        loss_chunk=512,  # positions of logits per piece of the loss (0: whole sequence at once)
+        init_from=""))  # '' (random init) | a .gguf, HF dir, export or run dir (init_from.py)
     c.mesh = ml_collections.ConfigDict(dict(
         shape=(-1, 1, 1),  # (data, fsdp, tensor); one -1 fills the remaining devices
         rules=sharding.DEFAULT_RULES,
@@ -204,6 +205,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     _check_ranges(config)
     phases.validate_config(config)
     distill.validate_config(config, cfg)
+    init_from.validate_config(config, cfg)
     if int(t.loss_chunk) < 0:
         raise ValueError(f"train.loss_chunk={t.loss_chunk} must be >= 0 (0: whole sequence)")
     if t.eval_tasks_every:

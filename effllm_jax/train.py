@@ -23,7 +23,7 @@ import numpy as np
 from effllm_jax import checkpoint as ckpt_lib
 from effllm_jax import config as config_lib
 from effllm_jax import data as data_lib
-from effllm_jax import distill, distributed, mfu, paths, resume, sharding
+from effllm_jax import distill, distributed, init_from, mfu, paths, resume, sharding
 from effllm_jax import phases as phases_lib
 from effllm_jax import train_step as ts
 from effllm_jax.arch import ArchSpec
@@ -230,6 +230,7 @@ def run(config, workdir: str, allow_config_change: bool = False
     else:
         teacher = distill.load_teacher(config, cfg, dataset.tokenizer)  # a path teacher, or None
         state = distill.install(trainer.init(jax.random.key(t.seed)), teacher, state_sh)
+        state = init_from.install(state, init_from.load(config, cfg, dataset.tokenizer), state_sh)
         start = 0
     if is_main:
         resume.save_config(workdir, config)  # the first config.json kept; changes versioned

@@ -19,7 +19,8 @@ from effllm_jax.data.corpora import Document
 from effllm_jax.data.fetch import DataError, cache_root, file_lock
 from effllm_jax.data.pipeline import CorpusDataset
 from effllm_jax.data.store import build_token_store, text_digest
-from effllm_jax.data.tokenizer import MODEL_FILENAME, Tokenizer, load_tokenizer, train_tokenizer
+from effllm_jax.data.tokenizer import (MODEL_FILENAME, Tokenizer, load_tokenizer, stored_tokenizer,
+                                       train_tokenizer)
 
 log = logging.getLogger(__name__)
 TOKENIZER_FORMAT = 2  # bump when train_tokenizer's fixed options change (2: fixed thread count)
@@ -60,8 +61,8 @@ def _trained_tokenizer(tcfg: Any, docs: Sequence[Document], digests: Sequence[st
 def resolve_tokenizer(tcfg: Any, docs: Sequence[Document], digests: Sequence[str], root: Path,
                       workdir: str | None) -> Tokenizer:
     """The run's tokenizer: the one already in `workdir` (a resumed run), else configured/trained."""
-    own = paths.join(workdir, MODEL_FILENAME) if workdir else None
-    if own is not None and own.is_file():
+    own = stored_tokenizer(workdir) if workdir else None
+    if own is not None:
         tok = load_tokenizer(own)
         if tcfg.path and load_tokenizer(tcfg.path).sha256 != tok.sha256:
             raise DataError(f"{own} differs from config.data.tokenizer.path={tcfg.path!r}: a run cannot "
@@ -88,9 +89,9 @@ def _shared_tokenizer(tcfg: Any, docs: Sequence[Document], digests: Sequence[str
     barrier("tokenizer")
     if process_index == 0:
         return tokenizer
-    own = paths.join(workdir, MODEL_FILENAME)
-    if not own.is_file():
-        raise DataError(f"{own} is missing although process 0 has stored the run's tokenizer: "
+    own = stored_tokenizer(workdir)
+    if own is None:
+        raise DataError(f"{paths.join(workdir, MODEL_FILENAME)} is missing although process 0 has stored the run's tokenizer: "
                         "the run directory is not shared between the processes")
     log.info("using the tokenizer process 0 stored in %s", own)
     return load_tokenizer(own)

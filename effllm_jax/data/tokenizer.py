@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import re
 from pathlib import Path
@@ -29,6 +30,7 @@ from effllm_jax import paths
 from effllm_jax.data.fetch import DataError
 
 MODEL_FILENAME = "tokenizer.model"
+BPE_DIRNAME = "tokenizer"  # where a run keeps a pretrained byte-level BPE (tokenizer.json inside)
 # Documents longer than this are encoded in pieces (bounded memory, parallel threads).
 MAX_PIECE_CHARS = 1 << 14
 # SentencePiece training threads, fixed: the model depends on the count (2 = what the demo used).
@@ -138,12 +140,125 @@ class Tokenizer:
         return f"Tokenizer(vocab_size={self.vocab_size}, sha256={self.sha256[:12]}, source={self.source!r})"
 
 
-def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """Loads a SentencePiece model: a .model file, or a directory with tokenizer.model (or one *.model).
+class BPETokenizer:
+    """A pretrained byte-level BPE (a .gguf's or a tokenizer.json) behind the data contract.
 
-    `path` may be local or a URL (gs://...).
+    Lets a run train on a pretrained model's own vocabulary (e.g. SmolLM2's, from its GGUF):
+    the same encode/encode_batch/decode/eos_id/bos_id/vocab_size/sha256/save interface as
+    `Tokenizer`. `save(workdir)` writes workdir/tokenizer/ (tokenizer.json + the BOS/EOS ids),
+    which `export.tokenizer_io.load_tokenizer` and this module's `load_tokenizer` both read.
+    """
+
+    def __init__(self, bpe, source: str = ""):  # bpe: export.tokenizer_io.BPETokenizer
+        if bpe.eos_id is None:
+            raise DataError(f"tokenizer {source or '(in memory)'} defines no EOS token; "
+                            "packing documents needs one")
+        self.bpe = bpe
+        self.source = source
+        self._json = bpe.tokenizer.to_str()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.bpe.vocab_size
+
+    @property
+    def eos_id(self) -> int:
+        return int(self.bpe.eos_id)
+
+    @property
+    def bos_id(self) -> int:
+        return -1 if self.bpe.bos_id is None else int(self.bpe.bos_id)
+
+    @property
+    def pad_id(self) -> int:
+        return -1
+
+    @property
+    def sha256(self) -> str:
+        h = hashlib.sha256(self._json.encode())
+        h.update(f"bos={self.bos_id},eos={self.eos_id}".encode())
+        return h.hexdigest()
+
+    def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        """Token ids of `text` (optionally with BOS/EOS)."""
+        ids = self.bpe.encode(text)
+        return ([self.bos_id] if add_bos and self.bos_id >= 0 else []) + ids + (
+            [self.eos_id] if add_eos else [])
+
+    def decode(self, ids: Iterable[int] | np.ndarray) -> str:
+        """Text of `ids`; negative ids (padding) are skipped."""
+        return self.bpe.decode([int(i) for i in np.asarray(ids).reshape(-1) if i >= 0])
+
+    def id_to_piece(self, token_id: int) -> str:
+        return self.bpe.tokenizer.id_to_token(int(token_id))
+
+    def encode_batch(self, texts: Sequence[str], *, num_threads: int | None = None,
+                     max_piece_chars: int = MAX_PIECE_CHARS) -> list[list[int]]:
+        """Encodes many texts (the tokenizers library parallelises on its own threads)."""
+        del num_threads, max_piece_chars  # byte-level BPE needs no splitting of long texts
+        return [e.ids for e in self.bpe.tokenizer.encode_batch(list(texts),
+                                                               add_special_tokens=False)]
+
+    def save(self, path: str | os.PathLike) -> os.PathLike:
+        """Writes path/tokenizer/ (tokenizer.json + ids); returns that directory."""
+        from effllm_jax.export.tokenizer_io import META  # late: export imports the model code
+        directory = paths.join(path, BPE_DIRNAME)
+        paths.write_text(paths.join(directory, "tokenizer.json"), self._json)
+        paths.write_text(paths.join(directory, META), json.dumps(
+            {"kind": "bpe", "bos_id": self.bpe.bos_id, "eos_id": self.bpe.eos_id}))
+        return directory
+
+    def __getstate__(self) -> dict:
+        return {"json": self._json, "bos": self.bpe.bos_id, "eos": self.bpe.eos_id,
+                "source": self.source}
+
+    def __setstate__(self, state: dict) -> None:
+        from tokenizers import Tokenizer as HFTokenizer
+        from effllm_jax.export.tokenizer_io import BPETokenizer as Wrapped
+        self.__init__(Wrapped(HFTokenizer.from_str(state["json"]), state["bos"], state["eos"]),
+                      state["source"])
+
+
+def _load_bpe(path: Path) -> BPETokenizer | None:
+    """A byte-level BPE at `path` (a .gguf file, a directory with tokenizer.json, or a run
+    directory keeping one in tokenizer/); else None."""
+    if path.is_file():
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                return None
+        from effllm_jax.export.gguf_import import gguf_tokenizer
+        try:
+            return BPETokenizer(gguf_tokenizer(str(path)), source=str(path))
+        except ValueError as e:
+            raise DataError(f"{path}: {e}") from e
+    if path.is_dir() and not (path / MODEL_FILENAME).is_file() and (path / BPE_DIRNAME).is_dir():
+        path = path / BPE_DIRNAME  # a run directory that keeps a BPE
+    if path.is_dir() and (path / "tokenizer.json").is_file() and not (path / MODEL_FILENAME).is_file():
+        from effllm_jax.export.tokenizer_io import BPETokenizer as Wrapped
+        return BPETokenizer(Wrapped.load(str(path)), source=str(path))
+    return None
+
+
+def stored_tokenizer(workdir: str | os.PathLike):
+    """The tokenizer file or directory a run directory holds (tokenizer.model or tokenizer/)."""
+    for name in (MODEL_FILENAME, BPE_DIRNAME):
+        candidate = paths.join(workdir, name)
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer | BPETokenizer:
+    """Loads a SentencePiece model: a .model file, or a directory with tokenizer.model (or one *.model);
+    or a pretrained byte-level BPE: a .gguf file, or a directory with tokenizer.json.
+
+    `path` may be local or a URL (gs://...) (a BPE only local).
     """
     path = paths.run_path(path) if paths.is_remote(path) else Path(path).expanduser()
+    if not paths.is_remote(path):
+        bpe = _load_bpe(path)
+        if bpe is not None:
+            return bpe
     if path.is_dir():
         candidates = sorted(path.glob("*.model"))
         path = path / MODEL_FILENAME if (path / MODEL_FILENAME).is_file() or len(candidates) != 1 else candidates[0]
