@@ -24,6 +24,7 @@ from effllm_jax import checkpoint as ckpt_lib
 from effllm_jax import config as config_lib
 from effllm_jax import data as data_lib
 from effllm_jax import distill, distributed, mfu, paths, sharding
+from effllm_jax import integrity, preemption
 from effllm_jax import phases as phases_lib
 from effllm_jax import train_step as ts
 from effllm_jax.arch import ArchSpec
@@ -190,7 +191,13 @@ class MetricWriter:
 
 
 def run(config, workdir: str) -> tuple[ts.TrainState, ArchSpec]:
-    """Trains (or resumes) the run in `workdir`; returns the final state and architecture."""
+    """Trains (or resumes) the run in `workdir`; returns the final state and architecture.
+    On SIGTERM/SIGINT it saves the step it is at and raises preemption.Preempted."""
+    with preemption.watch() as watcher:
+        return _run(config, workdir, watcher)
+
+
+def _run(config, workdir: str, watcher: preemption.Watcher) -> tuple[ts.TrainState, ArchSpec]:
     # ---------------------------------------------------------------- config
     config_lib.validate(config, jax.device_count())
     cfg, t = config_lib.model_config(config), config.train
@@ -228,7 +235,8 @@ def run(config, workdir: str) -> tuple[ts.TrainState, ArchSpec]:
             raise ValueError(f"{workdir} was trained with train.seed={position.get('seed')}, "
                              f"not {t.seed}: resuming would change the data order")
         abstract = jax.eval_shape(lambda: ts.init_state(step_cfg, tx, jax.random.key(t.seed)))
-        state = ckpt.restore_state(ckpt_lib.abstract_with_shardings(abstract, state_sh), step)
+        step, state = ckpt.restore_good_state(  # a bad newest step falls back (checkpoint.py)
+            ckpt_lib.abstract_with_shardings(abstract, state_sh), step, set_aside=True)
         start = step
     else:
         teacher = distill.load_teacher(config, cfg, dataset.tokenizer)  # a path teacher, or None
@@ -244,6 +252,7 @@ def run(config, workdir: str) -> tuple[ts.TrainState, ArchSpec]:
                                    jax.device_get(state.history), phases_lib.spans(config))
 
     writer = MetricWriter(workdir, total_steps, start, is_main, tokens_per_step)
+    bad_steps = integrity.BadStepGuard(t.max_bad_steps, ckpt)  # non-finite steps (integrity.py)
 
     def save(state, step):
         ckpt.save(step, state, arch_spec(state, step), {"step": step, "seed": t.seed,
@@ -292,6 +301,7 @@ def run(config, workdir: str) -> tuple[ts.TrainState, ArchSpec]:
         if pending is not None and (pending[0] % t.log_every == 0
                                     or step_cfg.schedule.is_event(pending[0])):
             log(*pending)
+            bad_steps.check(*pending)
         pending = (step, metrics)
         writer.advance()
         if t.eval_every and (step % t.eval_every == 0 or step == total_steps):
@@ -307,12 +317,17 @@ def run(config, workdir: str) -> tuple[ts.TrainState, ArchSpec]:
                 f"{k} {v:.1%}" for k, v in scores.items()))
         if step % t.checkpoint_every == 0 and step != total_steps:
             save(state, step)
+        if watcher.reached(step):  # SIGTERM/SIGINT: save this step below, then stop
+            break
     if pending is not None:
         log(*pending)
+        bad_steps.check(*pending)
     if start < total_steps:
-        save(state, total_steps)
+        save(state, step)  # the last step run: total_steps, or where a signal stopped it
     ckpt.close()
     writer.close()
+    if watcher.stopped_at is not None:
+        raise preemption.Preempted(watcher.stopped_at, watcher.signal_name)
     spec = arch_spec(state, int(jax.device_get(state.step)))
     return state, spec
 
@@ -332,6 +347,15 @@ def main(argv) -> None:
             raise
         print(f"effllm_jax.train: error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(2)
+    except preemption.Preempted as e:  # a clean stop: the checkpoint is on disk
+        if jax.process_index() == 0:
+            print(f"effllm_jax.train: {e}", flush=True)
+        sys.exit(0)
+    except integrity.IntegrityError as e:  # diverged: one line, exit 1, good checkpoints kept
+        if f.debug:
+            raise
+        print(f"effllm_jax.train: error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(1)
     if jax.process_index() == 0:
         print("\nArchitecture found by pruning-aware pretraining:")
         print(spec.summary())
