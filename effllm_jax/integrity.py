@@ -14,6 +14,7 @@ silently altered state is never written or restored as if good.
 """
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import jax
@@ -54,10 +55,18 @@ class BadStepGuard:
     def __init__(self, max_bad_steps: int, checkpointer: Any = None):
         self.max_bad_steps = max_bad_steps
         self.checkpointer = checkpointer
+        self.reported = 0  # the bad-step total last seen (a resumed run's older ones count once)
 
     def check(self, step: int, metrics: dict) -> None:
-        """Raises IntegrityError when the run's longest run of bad steps reached the limit."""
-        longest = int(jax.device_get(metrics["bad_steps_longest"]))
+        """Says (one line) when steps were skipped since the last check; raises IntegrityError
+        when the run's longest run of bad steps reached the limit."""
+        longest, total = (int(jax.device_get(metrics[k]))
+                          for k in ("bad_steps_longest", "bad_steps_total"))
+        if total > self.reported and jax.process_index() == 0:
+            print(f"effllm_jax.train: warning: {total - self.reported} step(s) up to step {step} "
+                  f"had a non-finite loss or gradient norm and were skipped ({total} in all)",
+                  file=sys.stderr, flush=True)
+        self.reported = total
         if longest < self.max_bad_steps:
             return
         kept = ""

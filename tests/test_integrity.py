@@ -87,7 +87,7 @@ def test_a_non_finite_step_changes_nothing_but_the_step_and_an_event_still_prune
 
 
 def test_a_diverging_run_stops_after_max_bad_steps_and_keeps_its_good_checkpoint(
-        good_run, tmp_path, monkeypatch):
+        good_run, tmp_path, monkeypatch, capfd):
     config = make_tiny_config(steps=8, checkpoint_every=2, log_every=1, max_bad_steps=2)
     config.mesh.shape, config.prune.prune_steps = (4, 2, 1), 6
     shared = train.cached_trainer(CONFIG)  # these loop fields do not change the compiled step
@@ -97,6 +97,8 @@ def test_a_diverging_run_stops_after_max_bad_steps_and_keeps_its_good_checkpoint
                        match=r"2 training steps in a row had a non-finite loss or gradient norm "
                              r"\(train.max_bad_steps=2; .* the last good checkpoint is step 6"):
         train.run(config, str(tmp_path))
+    assert ("effllm_jax.train: warning: 1 step(s) up to step 5 had a non-finite loss or gradient "
+            "norm and were skipped (1 in all)") in capfd.readouterr().err
     ckpt = ckpt_lib.Checkpointer(str(tmp_path))
     assert ckpt.all_steps() == [2, 4, 6]  # step 6 holds step 4's weights, pruned at event 6
     loaded = ckpt_lib.load_inference(str(tmp_path), 4)
@@ -194,3 +196,10 @@ def test_finite_but_altered_values_fail_their_checksum_and_fall_back(tmp_path, c
     assert "skipping checkpoint step 3: checkpoint step 3 does not hold the bytes it was saved " \
            "with (checksum mismatch in ['wk'])" in err, err
     ckpt.close()
+
+
+@pytest.mark.parametrize("value", [0, -1])  # (a float or bool is refused by the ConfigDict)
+def test_max_bad_steps_must_be_a_whole_number_of_at_least_one(value):
+    config = make_tiny_config(max_bad_steps=value)
+    with pytest.raises(ValueError, match=r"train.max_bad_steps=.* must be a whole number >= 1"):
+        config_lib.validate(config, jax.device_count())
