@@ -74,7 +74,8 @@ def base_config() -> ml_collections.ConfigDict:
         eval_tasks_every=0,  # every N steps and at the end (0: never)
         eval_tasks_limit=200,  # first N items of each task
         loss_chunk=512,  # positions of logits per piece of the loss (0: whole sequence at once)
-        init_from=""))  # '' (random init) | a .gguf, HF dir, export or run dir (init_from.py)
+        init_from="",  # '' (random init) | a .gguf, HF dir, export or run dir (init_from.py)
+        max_bad_steps=20))  # non-finite steps in a row (skipped) before the run stops (integrity.py)
     c.mesh = ml_collections.ConfigDict(dict(
         shape=(-1, 1, 1),  # (data, fsdp, tensor); one -1 fills the remaining devices
         rules=sharding.DEFAULT_RULES,
@@ -158,6 +159,7 @@ _RANGES = (
     ("train", "eval_batches", lambda v: v >= 1, ">= 1"),
     ("train", "eval_tasks_every", lambda v: v >= 0, ">= 0 (0: never)"),
     ("train", "eval_tasks_limit", lambda v: v >= 1, ">= 1"),
+    ("train", "max_bad_steps", lambda v: v >= 1 and v == int(v), "a whole number >= 1"),
     ("train", "peak_flops_per_device", lambda v: v >= 0, ">= 0 (0: from the device table)"),
     ("optim", "lr", lambda v: v > 0, "> 0"),
     ("optim", "min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),

@@ -24,6 +24,7 @@ from effllm_jax import checkpoint as ckpt_lib
 from effllm_jax import config as config_lib
 from effllm_jax import data as data_lib
 from effllm_jax import distill, distributed, init_from, mfu, paths, resume, sharding
+from effllm_jax import integrity, preemption
 from effllm_jax import phases as phases_lib
 from effllm_jax import train_step as ts
 from effllm_jax.arch import ArchSpec
@@ -194,7 +195,14 @@ def run(config, workdir: str, allow_config_change: bool = False
     """Trains (or resumes) the run in `workdir`; returns the final state and architecture.
 
     A resume that changes the model shape is refused, and one that changes the data mix,
-    tokenizer or seed unless `allow_config_change` (effllm_jax.resume)."""
+    tokenizer or seed unless `allow_config_change` (effllm_jax.resume). On SIGTERM/SIGINT it
+    saves the step it is at and raises preemption.Preempted."""
+    with preemption.watch() as watcher:
+        return _run(config, workdir, watcher, allow_config_change)
+
+
+def _run(config, workdir: str, watcher: preemption.Watcher, allow_config_change: bool
+         ) -> tuple[ts.TrainState, ArchSpec]:
     # ---------------------------------------------------------------- config
     config_lib.validate(config, jax.device_count())
     cfg, t = config_lib.model_config(config), config.train
@@ -225,7 +233,8 @@ def run(config, workdir: str, allow_config_change: bool = False
     step = ckpt.latest_step()  # resume.check has vetted it
     if step is not None:
         abstract = jax.eval_shape(lambda: ts.init_state(step_cfg, tx, jax.random.key(t.seed)))
-        state = ckpt.restore_state(ckpt_lib.abstract_with_shardings(abstract, state_sh), step)
+        step, state = ckpt.restore_good_state(  # a bad newest step falls back (checkpoint.py)
+            ckpt_lib.abstract_with_shardings(abstract, state_sh), step, set_aside=True)
         start = step
     else:
         teacher = distill.load_teacher(config, cfg, dataset.tokenizer)  # a path teacher, or None
@@ -242,6 +251,7 @@ def run(config, workdir: str, allow_config_change: bool = False
                                    jax.device_get(state.history), phases_lib.spans(config))
 
     writer = MetricWriter(workdir, total_steps, start, is_main, tokens_per_step)
+    bad_steps = integrity.BadStepGuard(t.max_bad_steps, ckpt)  # non-finite steps (integrity.py)
 
     def save(state, step):
         ckpt.save(step, state, arch_spec(state, step), {"step": step, "seed": t.seed,
@@ -290,6 +300,7 @@ def run(config, workdir: str, allow_config_change: bool = False
         if pending is not None and (pending[0] % t.log_every == 0
                                     or step_cfg.schedule.is_event(pending[0])):
             log(*pending)
+            bad_steps.check(*pending)
         pending = (step, metrics)
         writer.advance()
         if t.eval_every and (step % t.eval_every == 0 or step == total_steps):
@@ -305,12 +316,17 @@ def run(config, workdir: str, allow_config_change: bool = False
                 f"{k} {v:.1%}" for k, v in scores.items()))
         if step % t.checkpoint_every == 0 and step != total_steps:
             save(state, step)
+        if watcher.reached(step):  # SIGTERM/SIGINT: save this step below, then stop
+            break
     if pending is not None:
         log(*pending)
+        bad_steps.check(*pending)
     if start < total_steps:
-        save(state, total_steps)
+        save(state, step)  # the last step run: total_steps, or where a signal stopped it
     ckpt.close()
     writer.close()
+    if watcher.stopped_at is not None:
+        raise preemption.Preempted(watcher.stopped_at, watcher.signal_name)
     spec = arch_spec(state, int(jax.device_get(state.step)))
     return state, spec
 
@@ -330,6 +346,15 @@ def main(argv) -> None:
             raise
         from effllm_jax.cli import fail
         fail("effllm_jax.train", e)
+    except preemption.Preempted as e:  # a clean stop: the checkpoint is on disk
+        if jax.process_index() == 0:
+            print(f"effllm_jax.train: {e}", flush=True)
+        sys.exit(0)
+    except integrity.IntegrityError as e:  # diverged: one line, exit 1, good checkpoints kept
+        if f.debug:
+            raise
+        print(f"effllm_jax.train: error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(1)
     if jax.process_index() == 0:
         print("\nArchitecture found by pruning-aware pretraining:")
         print(spec.summary())

@@ -26,7 +26,7 @@ from effllm_jax.model.llama import ModelConfig
 from effllm_jax.pruning import compensate, groups, history, saliency
 from effllm_jax.pruning.schedule import PruneSchedule
 from effllm_jax.pruning.select import SelectConfig, select_with_record
-from effllm_jax import distill, phases, sharding
+from effllm_jax import distill, integrity, phases, sharding
 from effllm_jax.losses import chunked_token_nll, token_nll
 
 
@@ -43,6 +43,8 @@ class TrainState:
     teacher: Any = None  # distillation's frozen teacher {'params', 'masks'} (distill.py)
     stats: dict = dataclasses.field(default_factory=dict)  # OBS input second moments since
     # the last event (pruning/compensate.py); {} unless prune.compensation='obs'
+    bad_steps: dict = dataclasses.field(default_factory=integrity.zero_counters)  # skipped
+    # non-finite steps: current run, longest run, total (integrity.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +119,7 @@ def state_shardings(cfg: StepConfig, tx: optax.GradientTransformation, mesh, rul
     return TrainState(step=rep, params=params, opt_state=opt_state,
                       masks=jax.tree.map(lambda _: rep, abstract.masks), saliency=sal,
                       history=jax.tree.map(lambda _: rep, abstract.history),
+                      bad_steps=jax.tree.map(lambda _: rep, abstract.bad_steps),
                       teacher=distill.slot_shardings(cfg.distill, abstract.teacher, mesh, rules),
                       stats=sharding.tree_shardings(
                           abstract.stats, compensate.stats_axes(cfg.model, cfg.obs_block)
@@ -204,15 +207,27 @@ def train_step(state: TrainState, batch: jax.Array, *, cfg: StepConfig,
         lambda: saliency.accumulate(state.saliency, state.params, grads, cfg.criterion),
         lambda: state.saliency)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    state = state.replace(step=step, params=optax.apply_updates(state.params, updates),
-                          opt_state=opt_state, saliency=new_saliency, stats=stats)
+    grad_norm = optax.tree.norm(grads)
+    # A non-finite loss or gradient skips the update: params, Adam state (and so its counters
+    # and the learning rate's position), saliency and statistics stay as they were; the step
+    # (hence the data position) advances. An event on a skipped step still prunes, from the
+    # state as it was, so the architecture follows the schedule.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updated = (optax.apply_updates(state.params, updates), opt_state, new_saliency, stats)
+    params, opt_state, new_saliency, stats = integrity.keep_if_finite(
+        finite, updated, (state.params, state.opt_state, state.saliency, state.stats))
+    state = state.replace(step=step, params=params, opt_state=opt_state, saliency=new_saliency,
+                          stats=stats, bad_steps=integrity.count_bad_steps(state.bad_steps, ~finite))
     is_event = cfg.schedule.is_event(step)
     state = jax.lax.cond(is_event, lambda s: prune_event(s, cfg, tx, batch.shape[0]),
                          lambda s: s, state)
     counts = groups.unit_counts(state.masks, cfg.model)
     metrics = {
         "loss": loss,
-        "grad_norm": optax.tree.norm(grads),
+        "grad_norm": grad_norm,
+        "bad_step": ~finite,
+        "bad_steps_longest": state.bad_steps["longest"],
+        "bad_steps_total": state.bad_steps["total"],
         "live_params": groups.count_params(state.masks, cfg.model),
         "pruning_event": is_event,
         "kept_heads": counts["heads"].sum(),
