@@ -2,6 +2,7 @@
 checkpoints written before and after a compaction, and exports read compacted runs."""
 import json
 import shutil
+from dataclasses import astuple
 
 import jax
 import numpy as np
@@ -107,18 +108,19 @@ def runs(tmp_path_factory):
 def test_run_records_executed_shapes_and_speaks_source_units(runs):
     root, (_, spec), masked_spec, _ = runs
     assert spec.executed is not None and spec.executed["step"] == 10  # the last event's
-    assert dataclasses_equal_but_executed(spec, masked_spec)
+    # The same architecture and events in source units (saliency to float rounding).
+    assert (spec.hidden_dim, spec.layers, spec.live_params) == (
+        masked_spec.hidden_dim, masked_spec.layers, masked_spec.live_params)
+    assert [e[:5] for e in map(astuple, spec.events)] == [
+        e[:5] for e in map(astuple, masked_spec.events)]
+    np.testing.assert_allclose([e.saliency for e in spec.events],
+                               [e.saliency for e in masked_spec.events], rtol=1e-4)
     lines = [json.loads(line) for line in (root / "compacted" / "metrics.jsonl").read_text()
              .splitlines()]
     executed = {line["step"]: line["executed_M"] for line in lines if "executed_M" in line}
     dense = executed[4]
     assert executed[8] < dense and executed[12] < executed[8]  # after steps 6 and 10
     assert all(line["live_M"] <= line["executed_M"] + 1e-9 for line in lines if "live_M" in line)
-
-
-def dataclasses_equal_but_executed(a, b) -> bool:
-    import dataclasses
-    return dataclasses.replace(a, executed=None) == dataclasses.replace(b, executed=None)
 
 
 @pytest.mark.parametrize("keep", [8, 4])
