@@ -80,11 +80,13 @@ def test_padded_widths_divide_the_mesh_and_keep_every_live_unit(continued):
     assert cfg.num_kv_heads % tensor == 0 and cfg.num_heads % tensor == 0
     assert cfg.ffn_dim % tensor == 0
     assert small_state.params["layers"]["mlp"]["w_up"].sharding.spec[-1] == "tensor"
-    live = [i for row in record.ffn for i in row if i >= 0]
-    assert len(live) == len(set(live)) or len(record.ffn) > 1  # no unit twice in a layer
-    for row in record.heads:
-        kept = [h for h in row if h >= 0]
-        assert kept == sorted(kept) and len(kept) == len(set(kept))
+    # Every executed unit holds a distinct source unit, in source order; padding maps to -1.
+    for row in record.heads + record.ffn + (record.hidden,):
+        kept = [i for i in row if i >= 0]
+        assert kept == sorted(set(kept))
+    live = jax.device_get(small_state.masks)
+    padding = [(l, i) for l, row in enumerate(record.ffn) for i, j in enumerate(row) if j < 0]
+    assert padding and not any(live["ffn"][l, i] for l, i in padding)  # padding stays dead
 
 
 @pytest.fixture(scope="module")
