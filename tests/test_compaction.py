@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from conftest import make_tiny_config
 
-from effllm_jax import checkpoint as ckpt_lib
 from effllm_jax import compaction, config as config_lib, sharding, train
 from effllm_jax.data import build_dataset
 from effllm_jax.export import load_language_model
