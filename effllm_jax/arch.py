@@ -77,6 +77,9 @@ class ArchSpec:
     tokens_seen: int = 0
     events: tuple[PruneEvent, ...] = ()  # every unit removed so far, in event order
     phases: tuple[PhaseSpan, ...] = ()  # the run's phases; empty when not from a run
+    # In-training compaction (compaction.py): the executed shapes and, per executed unit, the
+    # source unit it holds (Compaction.to_json); None while the run executes the source shapes.
+    executed: dict | None = None
 
     @classmethod
     def from_masks(cls, masks: Masks, cfg: ModelConfig, step: int = 0,
@@ -155,7 +158,7 @@ class ArchSpec:
     def shape_key(self) -> str:
         """A string naming the architecture alone (not the run's progress): a cache key."""
         return json.dumps(dataclasses.replace(self, step=0, tokens_seen=0, events=(),
-                                              phases=()).to_json(),
+                                              phases=(), executed=None).to_json(),
                           sort_keys=True)
 
     @classmethod
@@ -173,7 +176,8 @@ class ArchSpec:
                        events=_events_from_json(data.get("events")),
                        phases=tuple(PhaseSpan(str(p["name"]), int(p["first_step"]),
                                               int(p["last_step"]))
-                                    for p in data.get("phases", ())))
+                                    for p in data.get("phases", ())),
+                       executed=data.get("executed") or None)
             cfg = spec.model_config
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"malformed architecture spec: {e!r}") from e

@@ -282,14 +282,16 @@ class InferenceCheckpoint:
 
 def load_inference(workdir: str, step: int | None = None) -> InferenceCheckpoint:
     """Restores params and masks of a run (latest step by default) onto the host."""
-    from effllm_jax import config as config_lib, train_step as ts  # late: the model stack
+    from effllm_jax import compaction, config as config_lib, train_step as ts  # late: model stack
 
     config = load_run_config(workdir)
     ckpt = Checkpointer(workdir, async_save=False, read_only=True)
     latest = step is None  # then a bad newest checkpoint falls back to the one before
     step, spec, _ = ckpt.restore_meta(step)
     cfg = spec.model_config
-    step_cfg = ts.StepConfig(cfg, None, None, config.prune.criterion,
+    record = compaction.Compaction.from_json(spec.executed)  # compacted: its executed shapes
+    executed = cfg if record is None else record.executed_config(cfg)
+    step_cfg = ts.StepConfig(executed, None, None, config.prune.criterion,
                              **config_lib.compensation_fields(config))
     tx, _ = ts.make_optimizer(config.optim, config.train.steps)
     cpu = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -306,6 +308,7 @@ def load_inference(workdir: str, step: int | None = None) -> InferenceCheckpoint
     else:
         state = ckpt.restore_state(on_host(step), step)
     ckpt.close()
-    return InferenceCheckpoint(cfg=cfg, params=jax.tree.map(np.asarray, state.params),
-                               masks=jax.tree.map(np.asarray, state.masks), spec=spec, step=step,
+    params, masks = compaction.expand(jax.tree.map(np.asarray, state.params),
+                                      jax.tree.map(np.asarray, state.masks), record, cfg)
+    return InferenceCheckpoint(cfg=cfg, params=params, masks=masks, spec=spec, step=step,
                                workdir=workdir)

@@ -15,10 +15,10 @@ import re
 import ml_collections
 
 from effllm_jax import data as data_lib
-from effllm_jax import distill, init_from, phases, sharding
+from effllm_jax import compaction, distill, init_from, phases, sharding
 from effllm_jax.model import attention
 from effllm_jax.model.llama import REMAT_POLICIES, ModelConfig
-from effllm_jax.pruning import select
+from effllm_jax.pruning import groups, select
 from effllm_jax.pruning import validate as prune_validate
 
 
@@ -47,6 +47,9 @@ def base_config() -> ml_collections.ConfigDict:
         compensation="none",  # none | obs: OBS weight update at each event (pruning/compensate.py)
         damping=0.01,  # OBS damping, relative to the mean diagonal of H
         obs_block=0,  # OBS input second moments block-diagonal with this block (0: full H)
+        compact_at=(),  # compact the state when the budget falls to these fractions of the
+        # source's parameters, e.g. (0.75, 0.5) (effllm_jax/compaction.py); () never
+        compact_after_last_event=False,  # True: also compact right after the last event
     ))
     c.optim = ml_collections.ConfigDict(dict(
         lr=3e-3, min_lr_ratio=0.1, warmup_steps=50, weight_decay=0.1, b1=0.9, b2=0.95,
@@ -202,6 +205,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     t = config.train
     cfg = model_config(config)
     prune_validate.validate_prune(config.prune, cfg, int(t.steps))
+    compaction.validate_config(config.prune, target_params(config) / groups.dense_params(cfg))
     if t.steps < 1 or t.global_batch < 1 or t.seq_len < 2:
         raise ValueError("train.steps, train.global_batch must be >= 1 and train.seq_len >= 2")
     _check_ranges(config)

@@ -23,7 +23,7 @@ import numpy as np
 from effllm_jax import checkpoint as ckpt_lib
 from effllm_jax import config as config_lib
 from effllm_jax import data as data_lib
-from effllm_jax import distill, distributed, init_from, mfu, paths, resume, sharding
+from effllm_jax import compaction, distill, distributed, init_from, mfu, paths, resume, sharding
 from effllm_jax import integrity, preemption
 from effllm_jax import phases as phases_lib
 from effllm_jax import train_step as ts
@@ -67,18 +67,19 @@ class Trainer:
 _TRAINERS: dict[str, Trainer] = {}
 
 
-def cached_trainer(config) -> Trainer:
-    """`build_trainer` memoised on the config: a process that runs the same config again
-    (a resume in a notebook, a test) reuses the compiled step instead of recompiling."""
-    key = config.to_json_best_effort(sort_keys=True) + str(jax.devices())
+def cached_trainer(config, step_cfg: ts.StepConfig | None = None) -> Trainer:
+    """`build_trainer` memoised on the config (and a compacted run's StepConfig): a process
+    that runs the same config again (a resume in a notebook, a test) reuses the compiled step."""
+    key = config.to_json_best_effort(sort_keys=True) + str(jax.devices()) + repr(step_cfg)
     if key not in _TRAINERS:
-        _TRAINERS[key] = build_trainer(config)
+        _TRAINERS[key] = build_trainer(config, step_cfg=step_cfg)
     return _TRAINERS[key]
 
 
-def build_trainer(config, mesh=None) -> Trainer:
-    """Mesh, shardings and the jitted init/step for a validated config."""
-    step_cfg = _step_config(config)
+def build_trainer(config, mesh=None, step_cfg: ts.StepConfig | None = None) -> Trainer:
+    """Mesh, shardings and the jitted init/step for a validated config (for `step_cfg`'s
+    shapes when given: a compacted run's, compaction.py)."""
+    step_cfg = _step_config(config) if step_cfg is None else step_cfg
     mesh = sharding.make_mesh(config.mesh.shape) if mesh is None else mesh
     rules = tuple((k, v) for k, v in config.mesh.rules)
     tx, lr_schedule = ts.make_optimizer(config.optim, config.train.steps,
@@ -106,12 +107,13 @@ def evaluate_heldout(trainer: Trainer, state: ts.TrainState, dataset, num_batche
     return float(np.mean(jax.device_get(losses))) if losses else None
 
 
-def evaluate_zero_shot(config, state: ts.TrainState, dataset) -> dict[str, float]:
-    """Zero-shot task scores (harness conventions) of the masked model as it is now."""
+def evaluate_zero_shot(config, state: ts.TrainState, dataset, cfg=None) -> dict[str, float]:
+    """Zero-shot task scores (harness conventions) of the masked model as it is now (`cfg`:
+    the executed model config, when not the source's)."""
     from effllm_jax.evaluate import evaluate_tasks  # late: only runs that ask for it pay
     from effllm_jax.model.lm import MaskedLanguageModel
     t = config.train
-    lm = MaskedLanguageModel(config_lib.model_config(config), state.params, state.masks,
+    lm = MaskedLanguageModel(cfg or config_lib.model_config(config), state.params, state.masks,
                              dataset.tokenizer)
     results = evaluate_tasks(lm, list(t.eval_tasks), t.eval_tasks_limit,
                              max_length=t.seq_len)
@@ -230,8 +232,15 @@ def _run(config, workdir: str, watcher: preemption.Watcher, allow_config_change:
 
     # ---------------------------------------------------------------- checkpoint
     ckpt = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints)
+    compactor = compaction.Compactor(config.prune, cfg, step_cfg.schedule)
     step = ckpt.latest_step()  # resume.check has vetted it
     if step is not None:
+        step, spec, _ = ckpt.restore_meta()  # the newest readable step's spec
+        compactor = compaction.Compactor.from_spec(config.prune, cfg, step_cfg.schedule, spec)
+        if compactor.record is not None:  # saved after a compaction: its executed shapes
+            trainer = cached_trainer(config, compaction.executed_step_config(
+                step_cfg, compactor.record, cfg))
+            step_cfg, state_sh = trainer.step_cfg, trainer.state_shardings
         abstract = jax.eval_shape(lambda: ts.init_state(step_cfg, tx, jax.random.key(t.seed)))
         step, state = ckpt.restore_good_state(  # a bad newest step falls back (checkpoint.py)
             ckpt_lib.abstract_with_shardings(abstract, state_sh), step, set_aside=True)
@@ -247,8 +256,7 @@ def _run(config, workdir: str, watcher: preemption.Watcher, allow_config_change:
     tokens_per_step = t.global_batch * t.seq_len
 
     def arch_spec(state, step) -> ArchSpec:
-        return ArchSpec.from_masks(jax.device_get(state.masks), cfg, step, step * tokens_per_step,
-                                   jax.device_get(state.history), phases_lib.spans(config))
+        return compactor.arch_spec(state, step, step * tokens_per_step, phases_lib.spans(config))
 
     writer = MetricWriter(workdir, total_steps, start, is_main, tokens_per_step)
     bad_steps = integrity.BadStepGuard(t.max_bad_steps, ckpt)  # non-finite steps (integrity.py)
@@ -270,6 +278,7 @@ def _run(config, workdir: str, watcher: preemption.Watcher, allow_config_change:
         scalars = {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
                    "lr": float(lr_schedule(step)), "tok/s": tok_s,
                    "live_M": float(m["live_params"]) / 1e6, "dense_M": dense / 1e6,
+                   "executed_M": float(m["executed_params"]) / 1e6,
                    "pruned": 1.0 - float(m["live_params"]) / dense,
                    "pruned_heads": 1.0 - float(m["kept_heads"]) / (cfg.num_layers * cfg.num_heads),
                    "pruned_ffn": 1.0 - float(m["kept_ffn"]) / (cfg.num_layers * cfg.ffn_dim),
@@ -294,7 +303,15 @@ def _run(config, workdir: str, watcher: preemption.Watcher, allow_config_change:
     for step in range(start + 1, total_steps + 1):
         local = dataset.local_batch(step - 1, jax.process_index(), jax.process_count())
         state, metrics = trainer.step(state, sharding.global_batch_array(local, mesh, rules))
+        metrics = dict(metrics, executed_params=compactor.executed_params())  # host int
         window["steps"] += 1
+        if compactor.due(step):  # slice to the live units and compile the smaller step once
+            state, small = compactor.compact(state, step_cfg, tx, mesh, rules,
+                                             step * tokens_per_step)
+            trainer = cached_trainer(config, small)
+            step_cfg = trainer.step_cfg
+            writer.print(f"step {step}: compacted to {compactor.executed_params():,} executed "
+                         f"params ({dict(compaction.shape_summary(step_cfg.model))})")
         # Metrics are read one step late, and only on log and event steps (known on the host
         # from the schedule), so the host never waits on the step in flight.
         if pending is not None and (pending[0] % t.log_every == 0
@@ -310,7 +327,7 @@ def _run(config, workdir: str, watcher: preemption.Watcher, allow_config_change:
                 writer.print(f"step {step}: held-out loss {heldout:.4f} "
                              f"(perplexity {np.exp(heldout):.1f})")
         if t.eval_tasks_every and (step % t.eval_tasks_every == 0 or step == total_steps):
-            scores = evaluate_zero_shot(config, state, dataset)
+            scores = evaluate_zero_shot(config, state, dataset, step_cfg.model)
             writer.write(step, {f"zero_shot/{k}": v for k, v in scores.items()}, quiet=True)
             writer.print(f"step {step}: zero-shot " + ", ".join(
                 f"{k} {v:.1%}" for k, v in scores.items()))
