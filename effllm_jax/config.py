@@ -70,7 +70,8 @@ def base_config() -> ml_collections.ConfigDict:
         eval_tasks=(),  # zero-shot tasks scored during training, e.g. ('arc_easy', 'piqa')
         eval_tasks_every=0,  # every N steps and at the end (0: never)
         eval_tasks_limit=200,  # first N items of each task
-        loss_chunk=512))  # positions of logits per piece of the loss (0: whole sequence at once)
+        loss_chunk=512,  # positions of logits per piece of the loss (0: whole sequence at once)
+        grad_accum_steps=1))  # microbatches per update (global_batch / this rows each, summed)
     c.mesh = ml_collections.ConfigDict(dict(
         shape=(-1, 1, 1),  # (data, fsdp, tensor); one -1 fills the remaining devices
         rules=sharding.DEFAULT_RULES,
@@ -109,7 +110,9 @@ _RANGES = (
     ("train", "eval_batches", lambda v: v >= 1, ">= 1"),
     ("train", "eval_tasks_every", lambda v: v >= 0, ">= 0 (0: never)"),
     ("train", "eval_tasks_limit", lambda v: v >= 1, ">= 1"),
-    ("train", "peak_flops_per_device", lambda v: v >= 0, ">= 0 (0: from the device table)"),
+    ("train", "peak_flops_per_device", lambda v: v >= 0,
+     ">= 0 (0: the device table, else a measured matmul peak on CPU)"),
+    ("train", "grad_accum_steps", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
     ("optim", "lr", lambda v: v > 0, "> 0"),
     ("optim", "min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("optim", "warmup_steps", lambda v: v >= 0, ">= 0"),
@@ -169,3 +172,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     if t.global_batch % shards:
         raise ValueError(f"train.global_batch={t.global_batch} is not divisible by the "
                          f"{shards} batch shards of mesh {mesh_shape}")
+    accum = int(t.get("grad_accum_steps", 1))
+    if t.global_batch % (accum * shards):
+        raise ValueError(f"train.global_batch={t.global_batch} does not split into "
+                         f"train.grad_accum_steps={accum} microbatches of whole rows on each of "
+                         f"the {shards} batch shards (it must be divisible by {accum * shards})")

@@ -45,6 +45,7 @@ def _step_config(config) -> ts.StepConfig:
                          adam_b2=float(config.optim.b2),
                          distill=distill.step_config(config, cfg),
                          loss_chunk=int(config.train.loss_chunk),
+                         grad_accum_steps=int(config.train.get("grad_accum_steps", 1)),
                          **config_lib.compensation_fields(config))
 
 
