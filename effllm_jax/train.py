@@ -252,8 +252,8 @@ def run(config, workdir: str) -> tuple[ts.TrainState, ArchSpec]:
         writer.flush()
 
     # ---------------------------------------------------------------- loop
-    peak = mfu.peak_flops_per_device(t.peak_flops_per_device)
-    dense_flops = mfu.flops_per_token(arch_spec(state, start), t.seq_len, dense=True)
+    peak = mfu.peak_flops_per_device(t.peak_flops_per_device, cfg.dtype)
+    executed_flops = mfu.flops_per_token(arch_spec(state, start), t.seq_len, dense=True)
     dense = groups.dense_params(cfg)
     window = {"start": time.perf_counter(), "steps": 0}
 
@@ -267,9 +267,14 @@ def run(config, workdir: str) -> tuple[ts.TrainState, ArchSpec]:
                    "pruned_heads": 1.0 - float(m["kept_heads"]) / (cfg.num_layers * cfg.num_heads),
                    "pruned_ffn": 1.0 - float(m["kept_ffn"]) / (cfg.num_layers * cfg.ffn_dim),
                    "pruned_hidden": 1.0 - float(m["kept_hidden"]) / cfg.d_model}
+        scalars["executed_M"] = dense / 1e6  # the shapes the step runs (masks keep them dense)
         scalars.update({k: float(v) for k, v in m.items() if k.startswith("distill_")})
-        if peak:
-            scalars["mfu"] = tok_s * dense_flops / (peak * jax.device_count())
+        if peak:  # useful FLOPs of the live model, and the FLOPs the hardware executes
+            useful_flops = mfu.flops_per_token_from_counts(
+                cfg, float(m["live_params"]), float(m["kept_heads"]), float(m["kept_hidden"]),
+                t.seq_len)
+            scalars["mfu"] = tok_s * useful_flops / (peak * jax.device_count())
+            scalars["mfu_hw"] = tok_s * executed_flops / (peak * jax.device_count())
         writer.write(step, scalars)
         if m["pruning_event"]:
             writer.print(f"step {step}: pruning event -> live {scalars['live_M']:.3f}M params "
