@@ -117,8 +117,9 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 def expand_kv(x: jax.Array, kv_index: tuple[int, ...]) -> jax.Array:
     """KV heads [B, T, KV, hd] -> one per query head [B, T, H, hd] (head h reads kv_index[h])."""
     kv_heads, heads = x.shape[2], len(kv_index)
-    group = heads // kv_heads
-    if heads == group * kv_heads and kv_index == tuple(h // group for h in range(heads)):
+    group = heads // max(kv_heads, 1)  # a layer may have lost every head
+    if kv_heads and heads == group * kv_heads and kv_index == tuple(
+            h // group for h in range(heads)):
         # Contiguous equal groups (every source model): a repeat, whose gradient is a sum;
         # jnp.take's is a scatter-add, ~4x slower on XLA:CPU.
         return jnp.repeat(x, group, axis=2)
