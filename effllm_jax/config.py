@@ -78,7 +78,8 @@ def base_config() -> ml_collections.ConfigDict:
         eval_tasks_limit=200,  # first N items of each task
         loss_chunk=512,  # positions of logits per piece of the loss (0: whole sequence at once)
         init_from="",  # '' (random init) | a .gguf, HF dir, export or run dir (init_from.py)
-        max_bad_steps=20))  # non-finite steps in a row (skipped) before the run stops (integrity.py)
+        max_bad_steps=20,  # non-finite steps in a row (skipped) before the run stops (integrity.py)
+        grad_accum_steps=1))  # microbatches per update (global_batch / this rows each, summed)
     c.mesh = ml_collections.ConfigDict(dict(
         shape=(-1, 1, 1),  # (data, fsdp, tensor); one -1 fills the remaining devices
         rules=sharding.DEFAULT_RULES,
@@ -163,7 +164,9 @@ _RANGES = (
     ("train", "eval_tasks_every", lambda v: v >= 0, ">= 0 (0: never)"),
     ("train", "eval_tasks_limit", lambda v: v >= 1, ">= 1"),
     ("train", "max_bad_steps", lambda v: v >= 1 and v == int(v), "a whole number >= 1"),
-    ("train", "peak_flops_per_device", lambda v: v >= 0, ">= 0 (0: from the device table)"),
+    ("train", "peak_flops_per_device", lambda v: v >= 0,
+     ">= 0 (0: the device table, else a measured matmul peak on CPU)"),
+    ("train", "grad_accum_steps", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
     ("optim", "lr", lambda v: v > 0, "> 0"),
     ("optim", "min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("optim", "warmup_steps", lambda v: v >= 0, ">= 0"),
@@ -228,3 +231,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     if t.global_batch % shards:
         raise ValueError(f"train.global_batch={t.global_batch} is not divisible by the "
                          f"{shards} batch shards of mesh {mesh_shape}")
+    accum = int(t.get("grad_accum_steps", 1))
+    if t.global_batch % (accum * shards):
+        raise ValueError(f"train.global_batch={t.global_batch} does not split into "
+                         f"train.grad_accum_steps={accum} microbatches of whole rows on each of "
+                         f"the {shards} batch shards (it must be divisible by {accum * shards})")

@@ -1,9 +1,23 @@
-"""Model FLOPs per token and per-device peak FLOP/s, for MFU in the training logs."""
+"""Model FLOPs per token and per-device peak FLOP/s, for MFU in the training logs.
+
+Two utilisations are logged: `mfu` counts the useful FLOPs of the live (pruned) model, and
+`mfu_hw` the FLOPs of the shapes the step executes (the dense source while masks are in
+use). The peak is `train.peak_flops_per_device` when set, else the vendor table below, else
+on CPU a practical matmul peak measured once per process (`measured_peak_flops`, ~0.3 s;
+bench/peak.py runs the same measurement longer and writes it to JSON). Measuring in-process
+keeps the figure true for the machine and load the run actually sees; a JSON written on
+another day or box would not be.
+"""
 from __future__ import annotations
 
+import functools
+import time
+
 import jax
+import jax.numpy as jnp
 
 from effllm_jax.arch import ArchSpec
+from effllm_jax.model.llama import ModelConfig
 
 # Dense bf16 peak FLOP/s per device (vendor figures); extend as needed or set
 # train.peak_flops_per_device in the config.
@@ -41,12 +55,52 @@ def flops_per_token(spec: ArchSpec, seq_len: int, dense: bool = False) -> float:
     return 6.0 * matmul + 3.0 * attention
 
 
-def peak_flops_per_device(configured: float = 0.0) -> float | None:
-    """Configured peak, else the table's entry for this device kind, else None (unknown)."""
+def flops_per_token_from_counts(cfg: ModelConfig, live_params: float, kept_heads: float,
+                                kept_hidden: float, seq_len: int) -> float:
+    """`flops_per_token` of the live model from the step's metrics (live parameter count,
+    total kept query heads, kept hidden width): no mask leaves the device."""
+    norms = (2 * cfg.num_layers + 1) * kept_hidden  # gains, not matmul weights
+    input_embedding = 0 if cfg.tie_embeddings else cfg.vocab_size * kept_hidden  # a lookup
+    matmul = live_params - norms - input_embedding
+    return 6.0 * matmul + 12.0 * kept_heads * cfg.head_dim * seq_len
+
+
+def measure_matmul_flops(dtype: str = "float32", size: int = 1024, repeats: int = 5) -> float:
+    """Practical peak FLOP/s of one device: best of `repeats` timed [size, size] matmuls
+    (a chain of 4 per call, so dispatch cost is amortised)."""
+    device = jax.devices()[0]
+    a = jax.device_put(jnp.ones((size, size), dtype) / size, device)
+
+    @jax.jit
+    def chain(x):
+        for _ in range(4):
+            x = x @ a
+        return x
+
+    jax.block_until_ready(chain(a))  # compile
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(chain(a))
+        best = min(best, time.perf_counter() - start)
+    return 4 * 2.0 * size ** 3 / best
+
+
+@functools.lru_cache(maxsize=None)
+def measured_peak_flops(dtype: str = "float32") -> float:
+    """`measure_matmul_flops` once per process and dtype (the trainer's CPU peak)."""
+    return measure_matmul_flops(dtype)
+
+
+def peak_flops_per_device(configured: float = 0.0, dtype: str = "float32") -> float | None:
+    """Configured peak, else the table's entry for this device kind, else on CPU the measured
+    matmul peak in the compute dtype, else None (unknown)."""
     if configured:
         return float(configured)
-    kind = jax.devices()[0].device_kind
+    device = jax.devices()[0]
     for name, peak in PEAK_FLOPS.items():
-        if kind.startswith(name):
+        if device.device_kind.startswith(name):
             return peak
+    if device.platform == "cpu":
+        return measured_peak_flops(dtype)
     return None

@@ -46,6 +46,7 @@ def _step_config(config) -> ts.StepConfig:
                          adam_b2=float(config.optim.b2),
                          distill=distill.step_config(config, cfg),
                          loss_chunk=int(config.train.loss_chunk),
+                         grad_accum_steps=int(config.train.get("grad_accum_steps", 1)),
                          **config_lib.compensation_fields(config))
 
 
@@ -267,8 +268,7 @@ def _run(config, workdir: str, watcher: preemption.Watcher, allow_config_change:
         writer.flush()
 
     # ---------------------------------------------------------------- loop
-    peak = mfu.peak_flops_per_device(t.peak_flops_per_device)
-    dense_flops = mfu.flops_per_token(arch_spec(state, start), t.seq_len, dense=True)
+    peak = mfu.peak_flops_per_device(t.peak_flops_per_device, cfg.dtype)
     dense = groups.dense_params(cfg)
     window = {"start": time.perf_counter(), "steps": 0}
 
@@ -284,8 +284,16 @@ def _run(config, workdir: str, watcher: preemption.Watcher, allow_config_change:
                    "pruned_ffn": 1.0 - float(m["kept_ffn"]) / (cfg.num_layers * cfg.ffn_dim),
                    "pruned_hidden": 1.0 - float(m["kept_hidden"]) / cfg.d_model}
         scalars.update({k: float(v) for k, v in m.items() if k.startswith("distill_")})
-        if peak:
-            scalars["mfu"] = tok_s * dense_flops / (peak * jax.device_count())
+        if peak:  # useful FLOPs of the live model, and the FLOPs the hardware executes
+            useful_flops = mfu.flops_per_token_from_counts(
+                cfg, float(m["live_params"]), float(m["kept_heads"]), float(m["kept_hidden"]),
+                t.seq_len)
+            scalars["mfu"] = tok_s * useful_flops / (peak * jax.device_count())
+            run_cfg = step_cfg.model  # the executed shapes: the source's, or a compaction's
+            executed_flops = mfu.flops_per_token_from_counts(
+                run_cfg, groups.dense_params(run_cfg), run_cfg.num_layers * run_cfg.num_heads,
+                run_cfg.d_model, t.seq_len)
+            scalars["mfu_hw"] = tok_s * executed_flops / (peak * jax.device_count())
         writer.write(step, scalars)
         if m["pruning_event"]:
             writer.print(f"step {step}: pruning event -> live {scalars['live_M']:.3f}M params "

@@ -13,6 +13,7 @@ loss mixes in a frozen teacher's logits; the learning rate follows the run's pha
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax
@@ -61,6 +62,7 @@ class StepConfig:
     damping: float = 0.01  # OBS damping, relative to mean diag H
     obs_block: int = 0  # block-diagonal H with blocks of this size (0: full)
     loss_chunk: int = 0  # positions of logits per piece of the loss (0: the whole sequence)
+    grad_accum_steps: int = 1  # microbatches per update, summed by a lax.scan inside the step
 
     @property
     def stats_block(self) -> int | None:
@@ -176,7 +178,7 @@ def train_step(state: TrainState, batch: jax.Array, *, cfg: StepConfig,
                                                        step, kd))
         teacher_logits, distilling = distill.teacher_logits(state.teacher, inputs, step, kd)
 
-    def loss_fn(params, stats_block=None):
+    def loss_fn(params, inputs, targets, teacher_logits, stats_block=None):
         """(objective, (loss parts, the forward's input second moments when stats_block))."""
         out = llama.hidden_states(cfg.model, params, inputs, state.masks, stats_block)
         hidden, batch_stats = (out, {}) if stats_block is None else out
@@ -188,9 +190,19 @@ def train_step(state: TrainState, batch: jax.Array, *, cfg: StepConfig,
         return objective, (parts, batch_stats)
 
     def loss_and_grads(with_stats: bool):
-        (loss, (parts, batch_stats)), grads = jax.value_and_grad(
-            lambda p: loss_fn(p, cfg.stats_block if with_stats else None), has_aux=True)(
-                state.params)
+        def micro(inputs, targets, teacher_logits):
+            (loss, (parts, batch_stats)), grads = jax.value_and_grad(
+                lambda p: loss_fn(p, inputs, targets, teacher_logits,
+                                  cfg.stats_block if with_stats else None), has_aux=True)(
+                    state.params)
+            return loss, parts, grads, batch_stats
+
+        rows = (inputs, targets, teacher_logits if kd is not None else None)
+        if cfg.grad_accum_steps == 1:
+            loss, parts, grads, batch_stats = micro(*rows)
+        else:
+            loss, parts, grads, batch_stats = accumulate_microbatches(micro, rows,
+                                                                      cfg.grad_accum_steps)
         stats = compensate.accumulate(state.stats, batch_stats) if with_stats else state.stats
         return loss, parts, grads, stats
 
@@ -238,6 +250,27 @@ def train_step(state: TrainState, batch: jax.Array, *, cfg: StepConfig,
         metrics.update(loss=parts["ce"], distill_objective=loss, distill_kl=parts["kl"],
                        distill_active=distilling)
     return state, metrics
+
+
+def accumulate_microbatches(fn, rows: tuple, steps: int):
+    """(loss, parts, grads, statistics) of `fn` over the whole batch from `steps` microbatches
+    run one after another by a lax.scan (one microbatch's activations live at a time): loss,
+    parts and gradients are the microbatch means (equal token counts, so the batch mean),
+    second moments are summed. Microbatch i holds rows i, i + steps, ..., so every batch shard
+    contributes its own rows to each microbatch and no row moves between devices."""
+
+    def split(x):  # [B, ...] -> [steps, B / steps, ...]
+        x = x.reshape(x.shape[0] // steps, steps, *x.shape[1:])
+        return sharding.constrain(jnp.moveaxis(x, 1, 0), (None, "batch") + (None,) * (x.ndim - 2))
+
+    micro_rows = jax.tree.map(split, rows)
+    shapes = jax.eval_shape(fn, *jax.tree.map(lambda x: x[0], micro_rows))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    totals, _ = jax.lax.scan(lambda total, xs: (jax.tree.map(jnp.add, total, fn(*xs)), None),
+                             zeros, micro_rows)
+    loss, parts, grads, stats = totals
+    mean = functools.partial(jax.tree.map, lambda x: x / steps)
+    return mean(loss), mean(parts), mean(grads), stats
 
 
 def model_loss(cfg: ModelConfig, params: dict, masks: dict, inputs: jax.Array,

@@ -114,6 +114,18 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
+def expand_kv(x: jax.Array, kv_index: tuple[int, ...]) -> jax.Array:
+    """KV heads [B, T, KV, hd] -> one per query head [B, T, H, hd] (head h reads kv_index[h])."""
+    kv_heads, heads = x.shape[2], len(kv_index)
+    group = heads // max(kv_heads, 1)  # a layer may have lost every head
+    if kv_heads and heads == group * kv_heads and kv_index == tuple(
+            h // group for h in range(heads)):
+        # Contiguous equal groups (every source model): a repeat, whose gradient is a sum;
+        # jnp.take's is a scatter-add, ~4x slower on XLA:CPU.
+        return jnp.repeat(x, group, axis=2)
+    return jnp.take(x, np.asarray(kv_index, dtype=np.int32), axis=2)
+
+
 class RMSNorm(nnx.Module):
     """RMSNorm whose statistics run over the kept hidden channels only."""
 
@@ -158,8 +170,7 @@ class Attention(nnx.Module):
         k = jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(dtype))
         v = jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(dtype))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        kv_index = np.asarray(self.kv_index, dtype=np.int32)
-        k, v = jnp.take(k, kv_index, axis=2), jnp.take(v, kv_index, axis=2)
+        k, v = expand_kv(k, self.kv_index), expand_kv(v, self.kv_index)
         k, v = constrain(k, heads), constrain(v, heads)
         out = attention_lib.causal_attention(q, k, v, self.core, self.block)
         if head_mask is not None:
