@@ -276,15 +276,17 @@ def _run(config, workdir: str, watcher: preemption.Watcher, allow_config_change:
         m = jax.device_get(metrics)
         tok_s = window["steps"] * tokens_per_step / max(time.perf_counter() - window["start"], 1e-9)
         scalars = {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
-                   "lr": float(lr_schedule(step)), "tok/s": tok_s,
+                   "lr": float(lr_schedule(step)),
                    "live_M": float(m["live_params"]) / 1e6, "dense_M": dense / 1e6,
                    "executed_M": float(m["executed_params"]) / 1e6,
                    "pruned": 1.0 - float(m["live_params"]) / dense,
                    "pruned_heads": 1.0 - float(m["kept_heads"]) / (cfg.num_layers * cfg.num_heads),
                    "pruned_ffn": 1.0 - float(m["kept_ffn"]) / (cfg.num_layers * cfg.ffn_dim),
                    "pruned_hidden": 1.0 - float(m["kept_hidden"]) / cfg.d_model}
-        scalars.update({k: float(v) for k, v in m.items() if k.startswith("distill_")})
-        if peak:  # useful FLOPs of the live model, and the FLOPs the hardware executes
+        scalars.update({k: float(v) for k, v in m.items() if k.startswith(("distill_", "bad_steps"))})
+        if window["steps"]:  # the final log after the loop has timed no step since the last
+            scalars["tok/s"] = tok_s
+        if peak and window["steps"]:  # FLOPs of the live model, and those the hardware executes
             useful_flops = mfu.flops_per_token_from_counts(
                 cfg, float(m["live_params"]), float(m["kept_heads"]), float(m["kept_hidden"]),
                 t.seq_len)
