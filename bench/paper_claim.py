@@ -44,13 +44,16 @@ from effllm_jax import data as data_lib  # noqa: E402
 from effllm_jax import fixed_arch, plot, prune_posthoc, train  # noqa: E402
 from effllm_jax.pruning import groups  # noqa: E402
 
-# Variants of (a) tried on the first seed: prune-section overrides.
-TUNE = {
-    "taylor": {},
-    "taylor_obs": {"compensation": "obs"},
-    "fisher": {"criterion": "fisher"},
-    "taylor_early": {"warmup_steps": 10, "prune_steps": 70},
-}
+
+
+def tune_variants(grid: grids.Grid) -> dict[str, dict]:
+    """Variants of (a) tried on the first seed: prune-section overrides."""
+    return {"taylor": {}, "taylor_obs": {"compensation": "obs"}, "fisher": {"criterion": "fisher"},
+            # earlier and faster: the target is reached at 40% of the budget instead of 65%
+            "taylor_early": {"warmup_steps": grid.warmup_steps // 3,
+                             "prune_steps": grid.prune_steps * 7 // 10}}
+
+
 ARMS = ("a", "b", "c", "d_taylor", "d_taylor_obs", "e")
 ARM_NAMES = {"a": "(a) pruning-aware", "b": "(b) (a)'s architecture, from scratch",
              "c": "(c) uniform Llama, from scratch", "d_taylor": "(d) dense + Taylor one-shot",
@@ -129,7 +132,7 @@ class Bench:
             r = dict(tuned, name=name)
             report(r, self.result_path(name))
         if r is None:
-            config = grids.pruning_aware(self.grid, seed, **TUNE[variant])
+            config = grids.pruning_aware(self.grid, seed, **tune_variants(self.grid)[variant])
             r = self.finish(name, {"variant": variant, "tokens": self.grid.steps * self.grid.tokens_per_step,
                                    **self.train(name, config)})
         return r
@@ -195,39 +198,51 @@ class Bench:
     def arm_e(self, seed: int, variant: str) -> dict:
         name = f"e_s{seed}"
         if (r := self.done(name)) is None:
-            config = grids.distilled(self.grid, seed, **TUNE[variant])
+            config = grids.distilled(self.grid, seed, **tune_variants(self.grid)[variant])
             r = self.finish(name, {"variant": variant, "tokens": self.grid.steps * self.grid.tokens_per_step,
                                    **self.train(name, config)})
         return r
 
     # ---------------------------------------------------------------- stages
-    def tune(self, seed: int) -> str:
-        """Runs every (a) variant on `seed`; returns the one with the lowest final train loss."""
-        losses = {}
-        for variant in TUNE:
-            name = f"tune_{variant}_s{seed}"
-            losses[variant] = self.arm_a(seed, variant, name)["final_train_loss"]
+    def tune(self, seed: int, variants: tuple[str, ...]) -> str:
+        """Runs the (a) variants on `seed`; returns the one with the lowest final train loss."""
+        names = {v: f"tune_{v}_s{seed}" for v in variants}
+        while missing := [v for v, name in names.items() if self.done(name) is None]:
+            for variant in missing:  # several processes may share the variants
+                with self.claim(names[variant]) as mine:
+                    if mine:
+                        self.arm_a(seed, variant, names[variant])
+            if any(self.done(names[v]) is None for v in missing):
+                time.sleep(20)  # the rest is being run by another process
+        losses = {v: self.done(name)["final_train_loss"] for v, name in names.items()}
         best = min(losses, key=losses.get)
         report({"seed": seed, "final_train_loss": losses, "best": best},
                os.path.join(self.out, "tune.json"))
         return best
 
     def grid_runs(self, seeds: list[int], variant: str, arms: tuple[str, ...] = ARMS) -> None:
-        """Runs the named arms for every seed; an arm another process runs now is skipped."""
+        """Runs the named arms for every seed; arms another process runs now are left to it."""
         for seed in seeds:
             done = self.done(f"a_s{seed}")
             if done is not None and done.get("variant") != variant:
                 raise ValueError(f"a_s{seed} was run with variant {done.get('variant')}, "
                                  f"not {variant}; remove its result file")
-            steps = {"a": lambda: self.arm_a(seed, variant), "b": lambda: self.arm_b(seed),
-                     "c": lambda: self.arm_c(seed), "d_taylor": lambda: self.arm_d(seed, "none"),
-                     "d_taylor_obs": lambda: self.arm_d(seed, "obs"),
-                     "e": lambda: self.arm_e(seed, variant)}
-            for arm in arms:
+        run = {"a": lambda s: self.arm_a(s, variant), "b": self.arm_b, "c": self.arm_c,
+               "d_taylor": lambda s: self.arm_d(s, "none"),
+               "d_taylor_obs": lambda s: self.arm_d(s, "obs"), "e": lambda s: self.arm_e(s, variant)}
+        todo = [(seed, arm) for seed in seeds for arm in arms]
+        while todo := [(s, a) for s, a in todo if self.done(f"{a}_s{s}") is None]:
+            progressed = False
+            for seed, arm in todo:
+                if arm == "b" and self.done(f"a_s{seed}") is None:
+                    continue  # (b) needs (a)'s final masks
                 # (d)'s two arms share one dense run: one lock for both
                 with self.claim(f"{'d' if arm.startswith('d_') else arm}_s{seed}") as mine:
-                    if mine:
-                        steps[arm]()
+                    if mine and self.done(f"{arm}_s{seed}") is None:
+                        run[arm](seed)
+                        progressed = True
+            if not progressed:
+                time.sleep(20)  # what is left is being run by another process
 
     @contextlib.contextmanager
     def claim(self, name: str):
@@ -267,34 +282,45 @@ def _spread(values: list[float]) -> tuple[float, float]:
     return float(np.mean(values)), float((max(values) - min(values)) / 2)
 
 
+def _entries(bench: Bench, seeds: list[int]) -> list[tuple[str, str, list[dict]]]:
+    """(key, label, results over seeds) of every arm and tried (a) variant with a result."""
+    out = []
+    for arm in ARMS:
+        out.append((arm, ARM_NAMES[arm], [bench.done(f"{arm}_s{s}") for s in seeds]))
+    for variant in tune_variants(bench.grid):
+        out.append((f"tune_{variant}", f"(a) tried: {variant}",
+                    [bench.done(f"tune_{variant}_s{s}") for s in seeds]))
+    return [(key, label, [r for r in results if r]) for key, label, results in out
+            if any(results)]
+
+
 def summarise(bench: Bench, seeds: list[int]) -> dict:
     """Mean ± spread per arm and held-out text, the markdown table, and the figures."""
     rows, table = {}, []
     g = bench.grid
-    header = ("| arm | live params | tokens | novel ppl | novel bits/byte | docs ppl | docs bits/byte |\n"
-              "|---|---:|---:|---:|---:|---:|---:|")
-    for arm in ARMS:
-        results = [bench.done(f"{arm}_s{s}") for s in seeds]
-        results = [r for r in results if r]
-        if not results:
-            continue
+    header = ("| arm | seeds | live params | tokens | final train loss | novel ppl | novel bits/byte "
+              "| docs ppl | docs bits/byte |\n|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for key, label, results in _entries(bench, seeds):
         row = {"seeds": [int(r["name"].rsplit("_s", 1)[1]) for r in results],
-               "live_params": [r["live_params"] for r in results], "tokens": results[0]["tokens"]}
+               "live_params": [r["live_params"] for r in results], "tokens": results[0]["tokens"],
+               "final_train_loss": _spread([r["final_train_loss"] for r in results])}
         for text in grids.HELDOUT:
             for metric in ("perplexity", "bits_per_byte"):
                 row[f"{text}_{metric}"] = _spread([r["heldout"][text][metric] for r in results])
-        rows[arm] = row
-        cells = [f"{row[f'{t}_{m}'][0]:.{p}f} ± {row[f'{t}_{m}'][1]:.{p}f}"
-                 for t in grids.HELDOUT for m, p in (("perplexity", 1), ("bits_per_byte", 3))]
-        table.append(f"| {ARM_NAMES[arm]} | {int(np.mean(row['live_params'])):,} | "
-                     f"{row['tokens']:,} | " + " | ".join(cells) + " |")
+        rows[key] = row
+        cells = [f"{row[c][0]:.{p}f} ± {row[c][1]:.{p}f}" for c, p in
+                 [("final_train_loss", 3)] + [(f"{t}_{m}", p) for t in grids.HELDOUT
+                                              for m, p in (("perplexity", 1), ("bits_per_byte", 3))]]
+        table.append(f"| {label} | {','.join(map(str, row['seeds']))} | "
+                     f"{int(np.mean(row['live_params'])):,} | {row['tokens']:,} | "
+                     + " | ".join(cells) + " |")
     md = header + "\n" + "\n".join(table) + "\n"
     os.makedirs(bench.out, exist_ok=True)
     with open(os.path.join(bench.out, "table.md"), "w") as f:
         f.write(md)
     print(md)
     summary = {"grid": g.name, "seeds": seeds, "target_params": bench.target,
-               "source_params": int(bench.target / g.target_fraction + 0.5),
+               "source_params": grids.source_params(g),
                "tokens_per_arm": g.steps * g.tokens_per_step, "arms": rows}
     report(summary, os.path.join(bench.out, "summary.json"))
     figures(bench, seeds[0])
@@ -306,28 +332,23 @@ def _offset(rows: list[dict], tokens: int) -> list[dict]:
 
 
 def figures(bench: Bench, seed: int) -> None:
-    """loss.png of every arm (one seed) and arm (a)'s evolution plots, into the results dir."""
-    g, runs = bench.grid, {}
-    for arm in ARMS:
-        result = bench.done(f"{arm}_s{seed}")
-        if result is None:
-            continue
-        workdir = result["run_dir"]
-        if not os.path.exists(os.path.join(workdir, plot.METRICS_FILE)):
-            continue
+    """loss.png of every arm (one seed) and (a)'s evolution plots, into the results dir."""
+    g, runs, pruned = bench.grid, {}, None
+    for key, label, results in _entries(bench, [seed]):
+        workdir = results[0]["run_dir"]
         rows = plot.read_metrics(workdir)
-        if arm.startswith("d_"):  # the dense phase, then the continuation after it
-            dense = plot.read_metrics(bench.run_dir(f"dense_s{seed}"))
-            rows = dense + _offset(rows, g.dense_steps * g.tokens_per_step) if arm == "d_taylor" \
-                else _offset(rows, g.dense_steps * g.tokens_per_step)
-        runs[ARM_NAMES[arm]] = rows
+        if key.startswith("d_"):  # the dense phase, then the continuation after it
+            rows = _offset(rows, g.dense_steps * g.tokens_per_step)
+            if key == "d_taylor":
+                rows = plot.read_metrics(bench.run_dir(f"dense_s{seed}")) + rows
+        runs[label] = rows
+        if pruned is None and (key == "a" or key.startswith("tune_")):
+            pruned = (label, workdir)
     if runs:
         plot._save(plot.loss_figure(runs), bench.out, "loss.png")  # pylint: disable=protected-access
-    a_result = bench.done(f"a_s{seed}")
-    if a_result is not None:
-        a_dir = a_result["run_dir"]
-        spec = plot.read_spec(a_dir)
-        for name, fig in plot.evolution_figures(spec, title=f"arm (a), seed {seed}").items():
+    if pruned is not None:
+        spec = plot.read_spec(pruned[1])
+        for name, fig in plot.evolution_figures(spec, title=f"{pruned[0]}, seed {seed}").items():
             plot._save(fig, bench.out, f"a_{name}")  # pylint: disable=protected-access
 
 
@@ -337,7 +358,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage", default="all", choices=("all", "tune", "grid", "report"))
     parser.add_argument("--seeds", default="0,1", help="comma list; the first one tunes")
     parser.add_argument("--scale", action="store_true", help="the GPU/TPU-host grid")
+    parser.add_argument("--smoke", action="store_true", help="a seconds-long grid (a check)")
     parser.add_argument("--variant", default="", help="skip tuning: use this (a) variant")
+    parser.add_argument("--tune", default="taylor,taylor_obs,fisher,taylor_early",
+                        help="comma list of (a) variants to try on the first seed")
     parser.add_argument("--arms", default=",".join(ARMS), help="comma list of arms to run")
     parser.add_argument("--runs", default="runs/paper_claim", help="run directories")
     parser.add_argument("--out", default="bench/results/paper_claim", help="results")
@@ -345,19 +369,22 @@ def main(argv: list[str] | None = None) -> int:
                         help="characters of each held-out text scored")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
-    grid = grids.Grid.scale() if args.scale else grids.Grid.cpu()
+    grid = grids.Grid.scale() if args.scale else grids.Grid.smoke() if args.smoke else grids.Grid.cpu()
     bench = Bench(grid, args.runs, args.out, args.heldout_chars)
     print(f"grid {grid.name}: target {bench.target:,} params, "
           f"{grid.steps * grid.tokens_per_step:,} tokens per arm, seeds {seeds}", flush=True)
     variant = args.variant
     if args.stage in ("all", "tune") and not variant:
-        variant = bench.tune(seeds[0])
+        tried = tuple(v for v in args.tune.split(",") if v)
+        if not tried or set(tried) - set(tune_variants(grid)):
+            parser.error(f"--tune={args.tune!r}; known variants {sorted(tune_variants(grid))}")
+        variant = bench.tune(seeds[0], tried)
     elif not variant:
         tuned = os.path.join(bench.out, "tune.json")
         variant = json.load(open(tuned))["best"] if os.path.exists(tuned) else "taylor"
-    if variant not in TUNE:
-        parser.error(f"--variant={variant!r}; expected one of {sorted(TUNE)}")
-    print(f"arm (a) settings: {variant} {TUNE[variant]}", flush=True)
+    if variant not in tune_variants(grid):
+        parser.error(f"--variant={variant!r}; expected one of {sorted(tune_variants(grid))}")
+    print(f"arm (a) settings: {variant} {tune_variants(grid)[variant]}", flush=True)
     if args.stage in ("all", "grid"):
         arms = tuple(a for a in args.arms.split(",") if a)
         if set(arms) - set(ARMS):

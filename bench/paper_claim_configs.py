@@ -53,6 +53,16 @@ class Grid:
                    warmup_steps=30, prune_steps=100, every=20, vocab_size=2048)
 
     @classmethod
+    def smoke(cls) -> "Grid":
+        """Seconds per arm: checks that every arm and the report run end to end."""
+        return cls("smoke", model=dict(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                                       head_dim=8, ffn_dim=64, scan_layers=False),
+                   uniform_model=dict(d_model=24, num_layers=2, num_heads=2, num_kv_heads=1,
+                                      head_dim=8, scan_layers=False),
+                   target_fraction=0.7, steps=12, global_batch=8, seq_len=32,
+                   warmup_steps=3, prune_steps=6, every=2, vocab_size=2048)
+
+    @classmethod
     def scale(cls) -> "Grid":
         """A ~60M-parameter source pruned to 40%, ~1.3B tokens per arm (one GPU/TPU host)."""
         return cls("scale", model=dict(d_model=512, num_layers=12, num_heads=8, num_kv_heads=4,
@@ -137,7 +147,11 @@ def uniform(grid: Grid, seed: int, target: int) -> ml_collections.ConfigDict:
     return c
 
 
+def source_params(grid: Grid) -> int:
+    """The source model's parameter count."""
+    return groups.dense_params(ModelConfig(vocab_size=grid.vocab_size, **grid.model))
+
+
 def target_params(grid: Grid) -> int:
     """The parameter budget every small arm meets (the source's count times the fraction)."""
-    cfg = ModelConfig(vocab_size=grid.vocab_size, **grid.model)
-    return int(groups.dense_params(cfg) * grid.target_fraction)
+    return int(source_params(grid) * grid.target_fraction)

@@ -64,6 +64,7 @@ def write_run(masks_from: str, out: str, config: ml_collections.ConfigDict | Non
     params = llama.init_params(cfg, key)
     params = ts.mask_tree(params, groups.param_masks(source.masks, cfg))
     params = jax.tree.map(np.asarray, params)
+    os.makedirs(out, exist_ok=True)  # write_run copies the tokenizer in first
     return prune_posthoc.write_run(out, config, params, source.masks,
                                    api.run_tokenizer_path(masks_from))
 
