@@ -13,6 +13,7 @@ be a lottery-ticket rewind rather than training from scratch.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 
@@ -42,6 +43,12 @@ def fixed_config(config: ml_collections.ConfigDict, live_params: int) -> ml_coll
     return config
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _masked_init(cfg: llama.ModelConfig, key: jax.Array, masks: dict) -> dict:
+    """Fresh parameters with the pruned entries zeroed (one compile, not one per op)."""
+    return ts.mask_tree(llama.init_params(cfg, key), groups.param_masks(masks, cfg))
+
+
 def write_run(masks_from: str, out: str, config: ml_collections.ConfigDict | None = None,
               seed: int | None = None, steps: int | None = None) -> ArchSpec:
     """Writes `out`: fresh weights masked by `masks_from`'s latest masks, at step 0."""
@@ -61,9 +68,7 @@ def write_run(masks_from: str, out: str, config: ml_collections.ConfigDict | Non
             config.train.steps = int(steps)
             config.continued.steps = 0
     key = jax.random.fold_in(jax.random.key(int(config.train.seed)), INIT_STREAM)
-    params = llama.init_params(cfg, key)
-    params = ts.mask_tree(params, groups.param_masks(source.masks, cfg))
-    params = jax.tree.map(np.asarray, params)
+    params = jax.tree.map(np.asarray, _masked_init(cfg, key, source.masks))
     os.makedirs(out, exist_ok=True)  # write_run copies the tokenizer in first
     return prune_posthoc.write_run(out, config, params, source.masks,
                                    api.run_tokenizer_path(masks_from))
