@@ -15,6 +15,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from effllm_jax.arch import ArchSpec
 from effllm_jax.model.llama import ModelConfig
@@ -68,20 +69,20 @@ def flops_per_token_from_counts(cfg: ModelConfig, live_params: float, kept_heads
 def measure_matmul_flops(dtype: str = "float32", size: int = 1024, repeats: int = 5) -> float:
     """Practical peak FLOP/s of one device: best of `repeats` timed [size, size] matmuls
     (a chain of 4 per call, so dispatch cost is amortised)."""
-    device = jax.devices()[0]
-    a = jax.device_put(jnp.ones((size, size), dtype) / size, device)
+    device = jax.local_devices()[0]  # this process's own (jax.devices()[0] may be another's)
+    a = jax.device_put(np.full((size, size), 1.0 / size, dtype=jnp.dtype(dtype)), device)
 
     @jax.jit
-    def chain(x):
+    def chain(x, w):
         for _ in range(4):
-            x = x @ a
+            x = x @ w
         return x
 
-    jax.block_until_ready(chain(a))  # compile
+    jax.block_until_ready(chain(a, a))  # compile
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(chain(a))
+        jax.block_until_ready(chain(a, a))
         best = min(best, time.perf_counter() - start)
     return 4 * 2.0 * size ** 3 / best
 
