@@ -32,6 +32,11 @@ CONFIG_FILE = "config.json"
 SKIPPED_DIR = "checkpoints_skipped"  # bad steps set aside by the trainer, never deleted
 
 
+# State fields added after checkpoints existed whose fresh value is zeros (counters): a checkpoint
+# saved without one restores with it zeroed instead of being refused.
+ZERO_STARTED_FIELDS = frozenset({"bad_steps"})
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read; nothing on disk has been changed."""
 
@@ -106,6 +111,8 @@ class Checkpointer:
                 state=ocp.args.StandardRestore(abstract_state)))
         except Exception as e:
             missing, extra = self._field_mismatch(abstract_state, step)
+            if missing and not extra and set(missing) <= ZERO_STARTED_FIELDS:
+                return self._restore_older(abstract_state, step, missing)
             if missing or extra:  # readable, but another layout: say which, not "corrupt"
                 differences = ", ".join(
                     ([f"lacks {missing}"] if missing else []) + ([f"has extra {extra}"] if extra else []))
@@ -117,6 +124,16 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint step {step} in {self.manager.directory} is "
                                   f"corrupt or does not match this model: {e}") from e
         return out["state"]
+
+    def _restore_older(self, abstract_state: Any, step: int, missing: list[str]) -> Any:
+        """A state saved before `missing` fields existed: the saved fields, the rest zeros."""
+        saved = {k: getattr(abstract_state, k) for k in self._state_metadata(step)
+                 if k not in missing}
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(saved)))["state"]
+        zeros = {k: jax.tree.map(lambda a: jax.device_put(np.zeros(a.shape, a.dtype), a.sharding),
+                                 getattr(abstract_state, k)) for k in missing}
+        return abstract_state.replace(**out, **zeros)
 
     def restore_good_state(self, abstract_state: Any, step: int | None = None,
                            set_aside: bool = False) -> tuple[int, Any]:

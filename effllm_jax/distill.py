@@ -243,6 +243,21 @@ def _pieces(tokenizer: Any) -> list[str]:
     return [tokenizer.decode([i]) for i in range(tokenizer.vocab_size)]
 
 
+def load_model_sharing_vocabulary(path: str, tokenizer: Any, field: str, fix: str) -> Any:
+    """The language model at `path` (an export, run, HF dir or .gguf), refused unless its
+    tokenizer agrees with the run's token by token (same size is not enough: ids would mean
+    other strings); `field` names the setting and `fix` says what to do in the message."""
+    from effllm_jax.export import load_language_model  # late: only runs that ask for it pay
+    lm = load_language_model(path)
+    theirs = lm.tokenizer
+    if tokenizer is not None and theirs is not None and (
+            theirs.vocab_size != tokenizer.vocab_size or _pieces(theirs) != _pieces(tokenizer)):
+        raise ValueError(f"{field}={path} has another tokenizer than this run's "
+                         f"({theirs.vocab_size} vs {tokenizer.vocab_size} tokens, or the same "
+                         f"ids spell other strings); {fix}")
+    return lm
+
+
 def load_teacher(config: ml_collections.ConfigDict, student: ModelConfig,
                  tokenizer: Any = None) -> dict | None:
     """The teacher slot {'params', 'masks'} (host numpy) of a path teacher; None otherwise.
@@ -253,17 +268,9 @@ def load_teacher(config: ml_collections.ConfigDict, student: ModelConfig,
     path = config.distill.teacher
     if not enabled(config) or path == SOURCE_AT_FIRST_EVENT:
         return None
-    from effllm_jax.export import load_language_model
-
     teacher_spec(path, student)  # the vocabulary, before reading any weight
-    lm = load_language_model(path)
-    theirs = lm.tokenizer
-    if tokenizer is not None and theirs is not None and (
-            theirs.vocab_size != tokenizer.vocab_size or _pieces(theirs) != _pieces(tokenizer)):
-        raise ValueError(f"distill.teacher={path} has another tokenizer than this run's "
-                         f"({theirs.vocab_size} vs {tokenizer.vocab_size} tokens, or the same "
-                         f"ids spell other strings); a teacher must share the student's "
-                         f"vocabulary")
+    lm = load_model_sharing_vocabulary(path, tokenizer, "distill.teacher",
+                                       "a teacher must share the student's vocabulary")
     params, masks = padded_params(lm.spec, lm.params, padded_config(lm.spec, student))
     return {"params": params, "masks": masks}
 

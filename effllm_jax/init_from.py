@@ -71,10 +71,6 @@ def validate_config(config: ml_collections.ConfigDict, cfg: ModelConfig) -> None
         init_spec(config, cfg)
 
 
-def _pieces(tokenizer: Any) -> list[str]:
-    return [tokenizer.decode([i]) for i in range(tokenizer.vocab_size)]
-
-
 def load(config: ml_collections.ConfigDict, cfg: ModelConfig,
          tokenizer: Any = None) -> tuple[dict, dict] | None:
     """(params, masks) of `train.init_from` in the run's dense layout (host numpy), or None.
@@ -83,18 +79,11 @@ def load(config: ml_collections.ConfigDict, cfg: ModelConfig,
     """
     if not enabled(config):
         return None
-    from effllm_jax.export import load_language_model  # late: only runs that ask for it pay
-
     path = str(config.train.init_from)
     spec = init_spec(config, cfg)
-    lm = load_language_model(path)
-    theirs = lm.tokenizer
-    if tokenizer is not None and theirs is not None and (
-            theirs.vocab_size != tokenizer.vocab_size or _pieces(theirs) != _pieces(tokenizer)):
-        raise ValueError(f"train.init_from={path} has another tokenizer than this run's "
-                         f"({theirs.vocab_size} vs {tokenizer.vocab_size} tokens, or the same ids "
-                         f"spell other strings); set data.tokenizer.path to the model's "
-                         f"tokenizer (e.g. the .gguf itself)")
+    lm = distill.load_model_sharing_vocabulary(
+        path, tokenizer, "train.init_from",
+        "set data.tokenizer.path to the model's tokenizer (e.g. the .gguf itself)")
     return distill.padded_params(spec, lm.params, cfg)
 
 

@@ -12,6 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 jax.config.update("jax_threefry_partitionable", True)
 
@@ -36,3 +37,16 @@ def make_tiny_config(**train):
 @pytest.fixture
 def tiny_config():
     return make_tiny_config()
+
+
+def host(tree):
+    """A pytree of device arrays as host numpy arrays."""
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def assert_trees_equal(a, b):
+    """Two pytrees hold bit-identical leaves."""
+    la, lb = jax.tree.leaves(host(a)), jax.tree.leaves(host(b))
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb):
+        np.testing.assert_array_equal(x, y)

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import make_tiny_config
+from conftest import assert_trees_equal, host, make_tiny_config
 
 from effllm_jax import checkpoint as ckpt_lib
 from effllm_jax import config as config_lib
@@ -21,17 +21,6 @@ CONFIG = make_tiny_config(steps=8, checkpoint_every=4)
 CONFIG.mesh.shape = (4, 2, 1)
 CONFIG.prune.prune_steps = 6
 POISON = 1000  # a token id past the vocabulary: the loss of such a batch is NaN
-
-
-def host(tree):
-    return jax.tree.map(np.asarray, jax.device_get(tree))
-
-
-def assert_trees_equal(a, b):
-    la, lb = jax.tree.leaves(host(a)), jax.tree.leaves(host(b))
-    assert len(la) == len(lb)
-    for x, y in zip(la, lb):
-        np.testing.assert_array_equal(x, y)
 
 
 def poison_from(monkeypatch, first_bad_index: int) -> None:
@@ -203,3 +192,21 @@ def test_max_bad_steps_must_be_a_whole_number_of_at_least_one(value):
     config = make_tiny_config(max_bad_steps=value)
     with pytest.raises(ValueError, match=r"train.max_bad_steps=.* must be a whole number >= 1"):
         config_lib.validate(config, jax.device_count())
+
+
+def test_a_checkpoint_saved_before_the_bad_step_counters_restores_with_them_zeroed(tmp_path):
+    trainer = train.cached_trainer(CONFIG)
+    state = trainer.init(jax.random.key(0))
+    older = {f: getattr(state, f) for f in ("step", "params", "opt_state", "masks", "saliency",
+                                            "history", "stats")}  # as saved before bad_steps
+    cfg = config_lib.model_config(CONFIG)
+    ckpt = ckpt_lib.Checkpointer(str(tmp_path), async_save=False)
+    ckpt.save(3, older, ArchSpec.from_masks(llama.full_masks(cfg), cfg), {"step": 3})
+    abstract = ckpt_lib.abstract_with_shardings(jax.eval_shape(lambda: state),
+                                                trainer.state_shardings)
+    restored = ckpt.restore_state(abstract, 3)
+    ckpt.close()
+    assert_trees_equal(restored.params, state.params)
+    assert_trees_equal(restored.opt_state, state.opt_state)
+    assert all(int(v) == 0 for v in jax.tree.leaves(host(restored.bad_steps)))
+    assert restored.bad_steps.keys() == state.bad_steps.keys()

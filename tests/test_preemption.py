@@ -11,7 +11,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import make_tiny_config
+from conftest import assert_trees_equal, host, make_tiny_config
 
 from effllm_jax import checkpoint as ckpt_lib
 from effllm_jax import preemption, train
@@ -33,17 +33,6 @@ def get_config():
     c.prune.prune_steps = 6
     return c
 """
-
-
-def host(tree):
-    return jax.tree.map(np.asarray, jax.device_get(tree))
-
-
-def assert_trees_equal(a, b):
-    la, lb = jax.tree.leaves(host(a)), jax.tree.leaves(host(b))
-    assert len(la) == len(lb)
-    for x, y in zip(la, lb):
-        np.testing.assert_array_equal(x, y)
 
 
 @pytest.fixture(scope="module")
