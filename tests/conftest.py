@@ -34,6 +34,23 @@ def make_tiny_config(**train):
     return c
 
 
+def make_resume_config():
+    """The resume tests' run (events at 4, 6, 8; saves at 4, 8). Train, config, integrity,
+    preemption and bad-input tests all use it, so a whole-suite run compiles its step once."""
+    c = make_tiny_config(steps=8, checkpoint_every=4)
+    c.mesh.shape = (4, 2, 1)
+    c.prune.prune_steps = 6  # the last event (step 8) within train.steps
+    return c
+
+
+# The same run as a --config file, for the CLI in a subprocess.
+RESUME_CONFIG_FILE = f"""
+import sys
+sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+from conftest import make_resume_config as get_config
+"""
+
+
 @pytest.fixture
 def tiny_config():
     return make_tiny_config()

@@ -14,30 +14,13 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import RESUME_CONFIG_FILE
 
 from effllm_jax import generate, plot, prune_posthoc, resume, train
 from effllm_jax.evaluate import __main__ as evaluate_cli
 from effllm_jax.export import __main__ as export_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# The run's config as a config file (for the train CLI); equal to test_config's resume config,
-# so a whole-suite run compiles its step once.
-RUN_CONFIG = '''
-from effllm_jax.config import base_config
-
-def get_config():
-    c = base_config()
-    c.model.update(vocab_size=128, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                   head_dim=8, ffn_dim=48)
-    c.data.update(kind="synthetic", vocab_size=128)
-    c.prune.update(target_fraction=0.45, warmup_steps=2, prune_steps=6, every=2)
-    c.optim.update(lr=1e-2, warmup_steps=2)
-    c.train.update(steps=8, global_batch=8, seq_len=16, log_every=4, checkpoint_every=4)
-    c.mesh.shape = (4, 2, 1)
-    return c
-'''
-
 
 def tree_hash(root) -> str:
     """One digest of every file name and byte under `root`."""
@@ -74,7 +57,7 @@ def files(tmp_path_factory):
     """The shared run, its hash, and damaged or wrong inputs made from it."""
     tmp = tmp_path_factory.mktemp("bad")
     cfg = tmp / "run_config.py"
-    cfg.write_text(RUN_CONFIG)
+    cfg.write_text(RESUME_CONFIG_FILE)
     run = tmp / "run"
     train.run(_load_config(str(cfg)), str(run))
     from effllm_jax.export import export_run

@@ -4,7 +4,7 @@ import sys
 
 import jax
 import pytest
-from conftest import make_tiny_config
+from conftest import make_resume_config, make_tiny_config
 
 from effllm_jax import config as config_lib
 from effllm_jax import train
@@ -49,9 +49,7 @@ def test_cli_rejects_an_unknown_config_field(tmp_path):
 
 
 def test_resuming_with_another_model_is_refused(tmp_path):
-    config = make_tiny_config(steps=8, checkpoint_every=4)  # as test_train's resume test:
-    config.mesh.shape = (4, 2, 1)  # the compiled step is shared
-    config.prune.prune_steps = 6  # the last event (step 8) within train.steps
+    config = make_resume_config()  # as test_train's resume test: the compiled step is shared
     train.run(config, str(tmp_path))
     config.model.ffn_dim = 64
     with pytest.raises(ValueError, match="holds a run of a different model"):

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_trees_equal, host, make_tiny_config
+from conftest import assert_trees_equal, host, make_resume_config, make_tiny_config
 
 from effllm_jax import checkpoint as ckpt_lib
 from effllm_jax import config as config_lib
@@ -16,10 +16,7 @@ from effllm_jax.arch import ArchSpec
 from effllm_jax.data import build_dataset
 from effllm_jax.model import llama
 
-# test_train's resume config (the compiled step is shared): events at 4, 6, 8; saves at 4, 8.
-CONFIG = make_tiny_config(steps=8, checkpoint_every=4)
-CONFIG.mesh.shape = (4, 2, 1)
-CONFIG.prune.prune_steps = 6
+CONFIG = make_resume_config()
 POISON = 1000  # a token id past the vocabulary: the loss of such a batch is NaN
 
 

@@ -11,28 +11,13 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import assert_trees_equal, host, make_tiny_config
+from conftest import RESUME_CONFIG_FILE, assert_trees_equal, host, make_resume_config
 
 from effllm_jax import checkpoint as ckpt_lib
 from effllm_jax import preemption, train
 
 REPO = Path(__file__).resolve().parents[1]
-# test_train's resume config (the compiled step is shared): events at 4, 6, 8; saves at 4, 8.
-CONFIG = make_tiny_config(steps=8, checkpoint_every=4)
-CONFIG.mesh.shape = (4, 2, 1)
-CONFIG.prune.prune_steps = 6
-CONFIG_FILE = f"""
-import sys
-sys.path.insert(0, {str(REPO / 'tests')!r})
-from conftest import make_tiny_config
-
-
-def get_config():
-    c = make_tiny_config(steps=8, checkpoint_every=4)
-    c.mesh.shape = (4, 2, 1)
-    c.prune.prune_steps = 6
-    return c
-"""
+CONFIG = make_resume_config()
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +29,7 @@ def uninterrupted(tmp_path_factory):
 def test_sigterm_saves_the_step_it_is_at_exits_0_and_the_resumed_run_is_exact(uninterrupted,
                                                                               tmp_path):
     config_path = tmp_path / "tiny_preempt.py"
-    config_path.write_text(CONFIG_FILE)
+    config_path.write_text(RESUME_CONFIG_FILE)
     run, err_path = tmp_path / "run", tmp_path / "stderr.txt"
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
     with open(err_path, "w") as err:

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from conftest import make_tiny_config
+from conftest import make_resume_config, make_tiny_config
 
 from effllm_jax import checkpoint as ckpt_lib
 from effllm_jax import config as config_lib
@@ -163,9 +163,7 @@ def test_save_restore_is_bit_identical_also_onto_another_mesh(runs, tmp_path):
 
 def test_run_resumes_exactly_after_a_crash(tmp_path):
     """A run killed after its step-6 checkpoint and restarted ends bit-identical."""
-    config = make_tiny_config(steps=8, checkpoint_every=4)
-    config.mesh.shape = (4, 2, 1)
-    config.prune.prune_steps = 6  # the last event (step 8) within train.steps
+    config = make_resume_config()
     full_state, full_spec = train.run(config, str(tmp_path / "full"))
     crashed = tmp_path / "crashed"
     train.run(config, str(crashed))
