@@ -28,7 +28,7 @@ from effllm_jax.pruning import compensate, groups, history, saliency
 from effllm_jax.pruning.schedule import PruneSchedule
 from effllm_jax.pruning.select import SelectConfig, select_with_record
 from effllm_jax import distill, integrity, phases, sharding
-from effllm_jax.losses import chunked_token_nll, token_nll
+from effllm_jax.losses import token_nll, unembed_nll
 
 
 @flax.struct.dataclass
@@ -284,9 +284,10 @@ def model_loss(cfg: ModelConfig, params: dict, masks: dict, inputs: jax.Array,
 def hidden_nll(cfg: ModelConfig, params: dict, hidden: jax.Array, targets: jax.Array,
                loss_chunk: int) -> jax.Array:
     """Mean next-token cross-entropy from final hidden states, unembedding `loss_chunk`
-    positions at a time, so the whole [B, T, V] logits never exist at once."""
-    total, count = chunked_token_nll(
-        hidden, targets, lambda h: llama.logits_from_hidden(cfg, params, h), loss_chunk)
+    positions at a time, so the whole [B, T, V] logits never exist at once (losses.unembed_nll:
+    the unembedding and the loss fused under one gradient)."""
+    table = params["embed"] if cfg.tie_embeddings else params["lm_head"].T
+    total, count = unembed_nll(hidden, table, targets, loss_chunk)
     return total / count
 
 
