@@ -7,15 +7,20 @@ For each shape (the issue's two: demo = configs/tiny.py at 16x128 tokens; 8m = V
   plain        the step outside the pruning window
   window       inside the window (saliency accumulation)
   window_obs   inside the window with prune.compensation=obs (its input second moments)
+  window_obs128  the same with prune.obs_block=128 (block-diagonal statistics)
   event        a pruning-event step (every step an event)
   dense75/50   the dense model at a compacted shape holding 75% / 50% of the parameters
   accum2       train.grad_accum_steps=2 (same batch, two microbatches)
   remat_full, remat_dots, bf16    model.remat / model.dtype variants of the plain step
+  loss_unfused the plain step with the unfused loss (logits, then token_nll, autodiff), the
+               path losses.unembed_nll replaced: its speed-up is plain / loss_unfused
   torch        transformers LlamaForCausalLM + torch.optim.AdamW (+ grad clipping), same shape
   loop         the real loop (train.run, synthetic data) vs the bare plain step (--loop)
 Rounds are interleaved (every arm once per round, in turn), so all arms see the same machine
-load; each arm's figure is its median over rounds. MFU is against the f32 matmul peak measured
-in the same rounds. Writes bench/results/step.json.
+load; each arm's figure is its median over rounds. Beside wall-clock tokens/s it records the
+process CPU time per step (all threads): on a machine shared with other jobs, the CPU work an
+arm costs is steadier than its wall time (which also counts the time other jobs held the cores).
+MFU is against the f32 matmul peak measured in the same rounds. Writes bench/results/step.json.
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ import jax
 import numpy as np
 
 from effllm_jax import config as config_lib
-from effllm_jax import mfu, sharding, train
+from effllm_jax import losses, mfu, sharding, train, train_step
 from effllm_jax.arch import ArchSpec
 from effllm_jax.model import llama
 from effllm_jax.pruning import groups
@@ -41,8 +46,8 @@ SHAPES = {
     "8m": (dict(vocab_size=8192, d_model=256, num_layers=8, num_heads=8, num_kv_heads=2,
                 head_dim=32, ffn_dim=768), 8, 256),
 }
-ARMS = ("plain", "window", "window_obs", "event", "dense75", "dense50", "accum2", "remat_full",
-        "remat_dots", "bf16", "torch")
+ARMS = ("plain", "window", "window_obs", "window_obs128", "event", "dense75", "dense50", "accum2",
+        "remat_full", "remat_dots", "bf16", "loss_unfused", "torch")
 NEVER = 10 ** 7  # a step count no bench reaches
 
 
@@ -77,10 +82,10 @@ def compacted_dims(shape: str, fraction: float) -> dict:
 def arm_config(shape: str, arm: str):
     """The config an arm runs."""
     c = shape_config(shape)
-    if arm in ("window", "window_obs"):  # saliency (and statistics) every step, no event
+    if arm.startswith("window"):  # saliency (and statistics) every step, no event
         c.prune.update(warmup_steps=0, prune_steps=NEVER, every=NEVER)
-        if arm == "window_obs":
-            c.prune.compensation = "obs"
+        if arm.startswith("window_obs"):
+            c.prune.update(compensation="obs", obs_block=int(arm[len("window_obs"):] or 0))
     elif arm == "event":  # an event every step (the budget hardly moves, the work is all done)
         c.prune.update(warmup_steps=0, prune_steps=NEVER, every=1)
     elif arm in ("dense75", "dense50"):
@@ -110,6 +115,21 @@ def jax_arm(config):
 
     step()
     return step
+
+
+def unfused_loss_arm(config):
+    """`jax_arm` with the train step's loss traced through the unfused path (logits of each
+    chunk, then token_nll, differentiated by JAX): what losses.unembed_nll replaced."""
+    def unfused(cfg, params, hidden, targets, loss_chunk):
+        total, count = losses.chunked_token_nll(
+            hidden, targets, lambda h: llama.logits_from_hidden(cfg, params, h), loss_chunk)
+        return total / count
+
+    fused, train_step.hidden_nll = train_step.hidden_nll, unfused
+    try:
+        return jax_arm(config)  # traced and compiled here, with the unfused loss
+    finally:
+        train_step.hidden_nll = fused
 
 
 def torch_arm(config):
@@ -167,18 +187,22 @@ def measure(shape: str, arms: list[str], rounds: int, steps: int, loop: bool) ->
     runners = {}
     for arm in arms:
         print(f"[{shape}] compiling {arm}", flush=True)
-        runners[arm] = torch_arm(config) if arm == "torch" else jax_arm(arm_config(shape, arm))
+        runners[arm] = (torch_arm(config) if arm == "torch" else
+                        unfused_loss_arm(config) if arm == "loss_unfused" else
+                        jax_arm(arm_config(shape, arm)))
     loop_run = loop_arm(shape, 4 * steps * 2) if loop else None
     rates = {arm: [] for arm in arms}
+    cpu_ms = {arm: [] for arm in arms}  # process CPU time per step, ms
     peaks = []
     loop_rates, bare_rates = [], []
     for r in range(rounds):
         peaks.append(mfu.measure_matmul_flops("float32", 1024, 3))
         for arm in arms:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             for _ in range(steps):
                 runners[arm]()
             rates[arm].append(steps * tokens / (time.perf_counter() - start))
+            cpu_ms[arm].append((time.process_time() - cpu_start) / steps * 1e3)
         if loop_run is not None and "plain" in runners:  # bare plain steps, then the loop
             start = time.perf_counter()
             for _ in range(4 * steps):
@@ -191,6 +215,8 @@ def measure(shape: str, arms: list[str], rounds: int, steps: int, loop: bool) ->
     peak = statistics.median(peaks)
     result = {"shape": shape, "model": dict(config.model), "tokens_per_step": tokens,
               "tok_s": tok_s, "tok_s_rounds": rates, "peak_f32_flops": peak,
+              "cpu_ms_per_step": {arm: statistics.median(v) for arm, v in cpu_ms.items()},
+              "cpu_ms_rounds": cpu_ms,
               "compacted_dims": {a: compacted_dims(shape, int(a[-2:]) / 100)
                                  for a in arms if a.startswith("dense")}}
     if "plain" in tok_s:
@@ -199,6 +225,8 @@ def measure(shape: str, arms: list[str], rounds: int, steps: int, loop: bool) ->
                                     config.train.seq_len, dense=True)
         result["mfu_plain_vs_f32_peak"] = tok_s["plain"] * flops / peak
         result["time_vs_plain"] = {arm: tok_s["plain"] / v for arm, v in tok_s.items()}
+        cpu = result["cpu_ms_per_step"]
+        result["cpu_time_vs_plain"] = {arm: v / cpu["plain"] for arm, v in cpu.items()}
         if "torch" in tok_s:
             result["plain_over_torch"] = tok_s["plain"] / tok_s["torch"]
     if loop_rates:
