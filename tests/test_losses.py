@@ -82,3 +82,17 @@ def test_bf16_hidden_is_close_to_reference():
     for g, w in zip(got, want):
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
                                    atol=2e-2, rtol=5e-2)
+
+
+def test_unembed_nll_gradient_never_holds_whole_logits():
+    """With chunk < T the gradient's program (scan bodies included) has only chunk-sized
+    logits; with chunk 0 it has the whole [B, T, V]."""
+    hidden, table = jnp.ones((2, 64, 8)), jnp.ones((1000, 8))
+    targets = jnp.zeros((2, 64), jnp.int32)
+
+    def program(chunk):
+        fn = jax.grad(lambda h, t: losses.unembed_nll(h, t, targets, chunk)[0], argnums=(0, 1))
+        return str(jax.make_jaxpr(fn)(hidden, table))
+
+    assert "f32[2,64,1000]" in program(0)
+    assert "f32[2,64,1000]" not in program(16) and "f32[2,16,1000]" in program(16)
