@@ -4,8 +4,9 @@ One step: loss and gradients of the masked model -> gradients of pruned weights 
 saliency accumulated (inside the pruning window) -> AdamW update -> on event steps, the
 pruning event (select.py) shrinks the masks, records what went (history.py), zeroes the
 removed weights and their Adam moments, and resets the saliency. Masks are tiny arrays of
-static shape, so events never recompile: the event is a `lax.cond` branch compiled once with
-the step. With `prune.compensation='obs'` the step also sums the input second moments of the
+static shape, so events never recompile: the event's decision is a `lax.cond` branch over
+small arrays, compiled once with the step, and applying it is a select on every step, so no
+params-sized array is copied through a branch (on a pod that copy is per-chip memory). With `prune.compensation='obs'` the step also sums the input second moments of the
 prunable linear layers inside the pruning window, and the event first moves the kept weights
 to make up for the removed inputs (pruning/compensate.py). With distillation (distill.py) the
 loss mixes in a frozen teacher's logits; the learning rate follows the run's phases (phases.py).
@@ -148,23 +149,40 @@ def prune_event(state: TrainState, cfg: StepConfig, tx: optax.GradientTransforma
                 sequences: int = 1) -> TrainState:
     """Shrinks the masks to this step's budget; removed weights and moments become zero.
     `sequences` (per batch) scales the Fisher estimate of the second-order criteria."""
+    masks, record = event_decision(state, cfg, sequences)
+    params = state.params
+    if cfg.compensation == "obs":  # moments of moved weights are kept (compensate.py)
+        params = compensate.compensate(params, state.masks, masks, state.stats, cfg.model,
+                                       cfg.damping)
+    return apply_event(state.replace(params=params), masks, record, cfg, tx, True)
+
+
+def event_decision(state: TrainState, cfg: StepConfig, sequences: int) -> tuple[dict, dict]:
+    """What an event decides: the new masks and the history with its removals recorded.
+    Only mask- and history-sized arrays come out, so the step can branch on it cheaply."""
     budget = cfg.schedule.budget(state.step)
     fisher = (_adam_fisher(state.opt_state, cfg, sequences)
               if cfg.criterion in ("fisher", "taylor_fisher") else None)
     scores = saliency.event_saliency(state.saliency, state.params, cfg.criterion, fisher)
     masks, removed = select_with_record(state.masks, scores, cfg.model, budget, cfg.select)
-    params = state.params
-    if cfg.compensation == "obs":  # moments of moved weights are kept (compensate.py)
-        params = compensate.compensate(params, state.masks, masks, state.stats, cfg.model,
-                                       cfg.damping)
+    return masks, history.record(state.history, removed, state.step)
+
+
+def apply_event(state: TrainState, masks: dict, record: dict, cfg: StepConfig,
+                tx: optax.GradientTransformation, is_event: jax.Array | bool) -> TrainState:
+    """Installs `masks` and `record`: zeroes the weights and Adam moments they remove and, where
+    `is_event`, restarts the window's accumulators. Selects, not a branch, so every params-sized
+    array is updated in place (a lax.cond over the state gives each its own output buffer: per
+    chip, a second copy of params, moments and Σg). Between events `masks` are the current
+    ones, whose pruned entries are already exactly zero, so this leaves every value unchanged."""
     pmask = groups.param_masks(masks, cfg.model)
-    opt_state = optax.tree_map_params(
-        tx, lambda x, m: jnp.where(m, x, jnp.zeros((), x.dtype)), state.opt_state, pmask,
-        transform_non_params=lambda x: x)
-    return state.replace(masks=masks, params=mask_tree(params, pmask), opt_state=opt_state,
-                         saliency=saliency.zeros(cfg.model, cfg.criterion),
-                         history=history.record(state.history, removed, state.step),
-                         stats=cfg.zero_stats())
+    opt_state = optax.tree_map_params(tx, lambda x, m: jnp.where(m, x, jnp.zeros((), x.dtype)),
+                                      state.opt_state, pmask, transform_non_params=lambda x: x)
+    restart = functools.partial(jax.tree.map, lambda zero, x: jnp.where(is_event, zero, x))
+    return state.replace(masks=masks, params=mask_tree(state.params, pmask), opt_state=opt_state,
+                         saliency=restart(saliency.zeros(cfg.model, cfg.criterion),
+                                      state.saliency),
+                         history=record, stats=restart(cfg.zero_stats(), state.stats))
 
 
 def train_step(state: TrainState, batch: jax.Array, *, cfg: StepConfig,
@@ -214,10 +232,8 @@ def train_step(state: TrainState, batch: jax.Array, *, cfg: StepConfig,
                                                  lambda: loss_and_grads(False))
     # Exactly zero already (masked activations); explicit so moments of pruned weights stay 0.
     grads = mask_tree(grads, groups.param_masks(state.masks, cfg.model))
-    new_saliency = jax.lax.cond(
-        cfg.schedule.collecting(step),
-        lambda: saliency.accumulate(state.saliency, state.params, grads, cfg.criterion),
-        lambda: state.saliency)
+    new_saliency = saliency.accumulate_in_window(state.saliency, state.params, grads,
+                                                 cfg.criterion, cfg.schedule.collecting(step))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     grad_norm = optax.tree.norm(grads)
     # A non-finite loss or gradient skips the update: params, Adam state (and so its counters
@@ -230,9 +246,17 @@ def train_step(state: TrainState, batch: jax.Array, *, cfg: StepConfig,
         finite, updated, (state.params, state.opt_state, state.saliency, state.stats))
     state = state.replace(step=step, params=params, opt_state=opt_state, saliency=new_saliency,
                           stats=stats, bad_steps=integrity.count_bad_steps(state.bad_steps, ~finite))
+    # The event: its decision is a branch over small arrays; applying it is a select on every
+    # step (apply_event), so no params-sized array passes through a branch.
     is_event = cfg.schedule.is_event(step)
-    state = jax.lax.cond(is_event, lambda s: prune_event(s, cfg, tx, batch.shape[0]),
-                         lambda s: s, state)
+    masks, record = jax.lax.cond(is_event, lambda: event_decision(state, cfg, batch.shape[0]),
+                                 lambda: (state.masks, state.history))
+    if cfg.compensation == "obs":  # moves kept weights: a params-sized branch, only with OBS
+        state = state.replace(params=jax.lax.cond(
+            is_event, lambda: compensate.compensate(state.params, state.masks, masks,
+                                                    state.stats, cfg.model, cfg.damping),
+            lambda: state.params))
+    state = apply_event(state, masks, record, cfg, tx, is_event)
     counts = groups.unit_counts(state.masks, cfg.model)
     metrics = {
         "loss": loss,

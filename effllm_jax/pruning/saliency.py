@@ -85,6 +85,22 @@ def accumulate(total: dict, params: dict, grads: dict, criterion: str) -> dict:
     return out
 
 
+def accumulate_in_window(total: dict, params: dict, grads: dict, criterion: str,
+                         collecting: jax.Array) -> dict:
+    """accumulate() where `collecting` (inside the pruning window), else `total` unchanged.
+    The group sums (small) go through a branch, so outside the window they cost nothing; Σg
+    through a select, which updates it in place in the optimizer's pass over the gradients
+    (through a branch, the params-sized Σg would get a second buffer on every chip)."""
+    small = {k: v for k, v in total.items() if k != "grad_sum"}
+    out = jax.lax.cond(collecting, lambda: accumulate(small, params, grads, criterion),
+                       lambda: small)
+    if "grad_sum" in total:
+        out["grad_sum"] = jax.tree.map(
+            lambda a, g: jnp.where(collecting, a + g.astype(jnp.float32), a),
+            total["grad_sum"], grads)
+    return out
+
+
 def adam_fisher(nu: dict, count: jax.Array, b2: float, scale: float) -> dict:
     """Diagonal Fisher estimate F = scale · ν / (1 − b2^count) from Adam's second moment."""
     correction = 1.0 - b2 ** jnp.maximum(count, 1).astype(jnp.float32)
