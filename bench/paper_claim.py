@@ -63,6 +63,8 @@ ARMS = ("a", "b", "c", "d_taylor", "d_taylor_obs", "e")
 ARM_NAMES = {"a": "(a) pruning-aware", "b": "(b) (a)'s architecture, from scratch",
              "c": "(c) uniform Llama, from scratch", "d_taylor": "(d) dense + Taylor one-shot",
              "d_taylor_obs": "(d) dense + Taylor one-shot + OBS", "e": "(e) (a) + distillation"}
+# Arms of an earlier (a) setting, kept beside the current ones (their result files renamed)
+EARLIER_ARMS = {"b_taylor": "(b) for (a) = taylor", "e_taylor": "(e) for (a) = taylor"}
 POSTHOC_DATA_SEED = 1000  # (d)'s continuation reads a data order the dense phase never saw
 POSTHOC_WARMUP = 10  # (d)'s continuation re-warms its learning rate over this many steps
 
@@ -295,6 +297,8 @@ def _entries(bench: Bench, seeds: list[int]) -> list[tuple[str, str, list[dict]]
     out = []
     for arm in ARMS:
         out.append((arm, ARM_NAMES[arm], [bench.done(f"{arm}_s{s}") for s in seeds]))
+    for key, label in EARLIER_ARMS.items():
+        out.append((key, label, [bench.done(f"{key}_s{s}") for s in seeds]))
     for variant in tune_variants(bench.grid):
         out.append((f"tune_{variant}", f"(a) tried: {variant}",
                     [bench.done(f"tune_{variant}_s{s}") for s in seeds]))
@@ -340,9 +344,11 @@ def _offset(rows: list[dict], tokens: int) -> list[dict]:
 
 
 def figures(bench: Bench, seed: int) -> None:
-    """loss.png of every arm (one seed) and (a)'s evolution plots, into the results dir."""
+    """loss.png of the grid's arms (one seed) and (a)'s evolution plots, into the results dir."""
     g, runs, pruned = bench.grid, {}, None
     for key, label, results in _entries(bench, [seed]):
+        if key not in ARMS:
+            continue  # tried variants and earlier arms: in the table, not on the figure
         workdir = results[0]["run_dir"]
         rows = plot.read_metrics(workdir)
         if key.startswith("d_"):  # the dense phase, then the continuation after it
@@ -350,7 +356,7 @@ def figures(bench: Bench, seed: int) -> None:
             if key == "d_taylor":
                 rows = plot.read_metrics(bench.run_dir(f"dense_s{seed}")) + rows
         runs[label] = rows
-        if pruned is None and (key == "a" or key.startswith("tune_")):
+        if key == "a":
             pruned = (label, workdir)
     if runs:
         plot._save(plot.loss_figure(runs), bench.out, "loss.png")  # pylint: disable=protected-access
