@@ -11,8 +11,9 @@ Arms (bench/paper_claim_configs.py), each trained for the same steps x batch x s
       (prune_posthoc: d_taylor without, d_taylor_obs with OBS compensation), then the rest of
       the budget at the fixed architecture (on a fresh data order: no batch is seen twice)
   e   (a) plus distillation from the source as it enters the first event
-`tune` runs variants of (a) (criterion, compensation, schedule) on the first seed and picks the
-one with the lowest final training loss (never a held-out number). Every arm is evaluated on
+`tune` runs variants of (a) (criterion, compensation, schedule, normalisation) on the first seed
+(or `--tune_seeds`) and picks the one with the lowest mean final training loss (never a
+held-out number). Every arm is evaluated on
 two held-out texts never trained on: Persuasion (novel) and the Python tutorial (docs).
 
 Resumable: a finished arm has bench/results/paper_claim/<grid>/arms/<arm>_s<seed>.json and is
@@ -47,17 +48,23 @@ from effllm_jax.pruning import groups  # noqa: E402
 
 
 def tune_variants(grid: grids.Grid) -> dict[str, dict]:
-    """Variants of (a) tried on the first seed: prune-section overrides."""
+    """Variants of (a) tried on the tuning seeds: prune-section overrides."""
     return {"taylor": {}, "taylor_obs": {"compensation": "obs"}, "fisher": {"criterion": "fisher"},
             # earlier and faster: the target is reached at 40% of the budget instead of 65%
             "taylor_early": {"warmup_steps": grid.warmup_steps // 3,
-                             "prune_steps": grid.prune_steps * 7 // 10}}
+                             "prune_steps": grid.prune_steps * 7 // 10},
+            # groups compete on their raw saliency sum, not per live parameter
+            "taylor_sum": {"reduction": "sum"},
+            # every layer keeps the same widths: a balanced shape instead of one wide layer
+            "taylor_uniform": {"uniform_layers": True}}
 
 
 ARMS = ("a", "b", "c", "d_taylor", "d_taylor_obs", "e")
 ARM_NAMES = {"a": "(a) pruning-aware", "b": "(b) (a)'s architecture, from scratch",
              "c": "(c) uniform Llama, from scratch", "d_taylor": "(d) dense + Taylor one-shot",
              "d_taylor_obs": "(d) dense + Taylor one-shot + OBS", "e": "(e) (a) + distillation"}
+# Arms of an earlier (a) setting, kept beside the current ones (their result files renamed)
+EARLIER_ARMS = {"b_taylor": "(b) for (a) = taylor", "e_taylor": "(e) for (a) = taylor"}
 POSTHOC_DATA_SEED = 1000  # (d)'s continuation reads a data order the dense phase never saw
 POSTHOC_WARMUP = 10  # (d)'s continuation re-warms its learning rate over this many steps
 
@@ -125,11 +132,11 @@ class Bench:
         return result
 
     def arm_a(self, seed: int, variant: str, name: str | None = None) -> dict:
-        """(a) with the `variant` settings; the grid's a_s<seed> reuses a tuning run."""
+        """(a) with the `variant` settings; a_s<seed> and tune_<variant>_s<seed> are one run."""
         name = name or f"a_s{seed}"
-        tuned = self.done(f"tune_{variant}_s{seed}")
-        if (r := self.done(name)) is None and tuned is not None:
-            r = dict(tuned, name=name)
+        same = self.done(f"tune_{variant}_s{seed}" if name == f"a_s{seed}" else f"a_s{seed}")
+        if (r := self.done(name)) is None and same is not None and same.get("variant") == variant:
+            r = dict(same, name=name)
             report(r, self.result_path(name))
         if r is None:
             config = grids.pruning_aware(self.grid, seed, **tune_variants(self.grid)[variant])
@@ -204,20 +211,23 @@ class Bench:
         return r
 
     # ---------------------------------------------------------------- stages
-    def tune(self, seed: int, variants: tuple[str, ...]) -> str:
-        """Runs the (a) variants on `seed`; returns the one with the lowest final train loss."""
-        names = {v: f"tune_{v}_s{seed}" for v in variants}
-        while missing := [v for v, name in names.items() if self.done(name) is None]:
-            for variant in missing:  # several processes may share the variants
-                with self.claim(names[variant]) as mine:
-                    if mine:
-                        self.arm_a(seed, variant, names[variant])
-            if any(self.done(names[v]) is None for v in missing):
+    def tune(self, seeds: list[int], variants: tuple[str, ...]) -> str:
+        """Runs the (a) variants on `seeds`; returns the one with the lowest mean final train
+        loss over them."""
+        names = {(s, v): f"tune_{v}_s{s}" for s in seeds for v in variants}
+        while missing := [key for key, name in names.items() if self.done(name) is None]:
+            for seed, variant in missing:  # several processes may share the variants
+                with self.claim(names[seed, variant]) as mine:
+                    if mine and self.done(names[seed, variant]) is None:
+                        self.arm_a(seed, variant, names[seed, variant])
+            if any(self.done(names[key]) is None for key in missing):
                 time.sleep(20)  # the rest is being run by another process
-        losses = {v: self.done(name)["final_train_loss"] for v, name in names.items()}
-        best = min(losses, key=losses.get)
-        report({"seed": seed, "final_train_loss": losses, "best": best},
-               os.path.join(self.out, "tune.json"))
+        losses = {v: {str(s): self.done(names[s, v])["final_train_loss"] for s in seeds}
+                  for v in variants}
+        mean = {v: float(np.mean(list(by_seed.values()))) for v, by_seed in losses.items()}
+        best = min(mean, key=mean.get)
+        report({"seeds": seeds, "final_train_loss": losses, "mean_final_train_loss": mean,
+                "best": best}, os.path.join(self.out, "tune.json"))
         return best
 
     def grid_runs(self, seeds: list[int], variant: str, arms: tuple[str, ...] = ARMS) -> None:
@@ -287,6 +297,8 @@ def _entries(bench: Bench, seeds: list[int]) -> list[tuple[str, str, list[dict]]
     out = []
     for arm in ARMS:
         out.append((arm, ARM_NAMES[arm], [bench.done(f"{arm}_s{s}") for s in seeds]))
+    for key, label in EARLIER_ARMS.items():
+        out.append((key, label, [bench.done(f"{key}_s{s}") for s in seeds]))
     for variant in tune_variants(bench.grid):
         out.append((f"tune_{variant}", f"(a) tried: {variant}",
                     [bench.done(f"tune_{variant}_s{s}") for s in seeds]))
@@ -332,9 +344,11 @@ def _offset(rows: list[dict], tokens: int) -> list[dict]:
 
 
 def figures(bench: Bench, seed: int) -> None:
-    """loss.png of every arm (one seed) and (a)'s evolution plots, into the results dir."""
+    """loss.png of the grid's arms (one seed) and (a)'s evolution plots, into the results dir."""
     g, runs, pruned = bench.grid, {}, None
     for key, label, results in _entries(bench, [seed]):
+        if key not in ARMS:
+            continue  # tried variants and earlier arms: in the table, not on the figure
         workdir = results[0]["run_dir"]
         rows = plot.read_metrics(workdir)
         if key.startswith("d_"):  # the dense phase, then the continuation after it
@@ -342,7 +356,7 @@ def figures(bench: Bench, seed: int) -> None:
             if key == "d_taylor":
                 rows = plot.read_metrics(bench.run_dir(f"dense_s{seed}")) + rows
         runs[label] = rows
-        if pruned is None and (key == "a" or key.startswith("tune_")):
+        if key == "a":
             pruned = (label, workdir)
     if runs:
         plot._save(plot.loss_figure(runs), bench.out, "loss.png")  # pylint: disable=protected-access
@@ -360,8 +374,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", action="store_true", help="the GPU/TPU-host grid")
     parser.add_argument("--smoke", action="store_true", help="a seconds-long grid (a check)")
     parser.add_argument("--variant", default="", help="skip tuning: use this (a) variant")
-    parser.add_argument("--tune", default="taylor,taylor_obs,fisher,taylor_early",
-                        help="comma list of (a) variants to try on the first seed")
+    parser.add_argument("--tune", default="taylor,taylor_obs,fisher,taylor_early,taylor_sum,taylor_uniform",
+                        help="comma list of (a) variants to try")
+    parser.add_argument("--tune_seeds", default="",
+                        help="comma list of seeds the variants run on (default: the first seed)")
     parser.add_argument("--arms", default=",".join(ARMS), help="comma list of arms to run")
     parser.add_argument("--runs", default="runs/paper_claim", help="run directories")
     parser.add_argument("--out", default="bench/results/paper_claim", help="results")
@@ -378,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
         tried = tuple(v for v in args.tune.split(",") if v)
         if not tried or set(tried) - set(tune_variants(grid)):
             parser.error(f"--tune={args.tune!r}; known variants {sorted(tune_variants(grid))}")
-        variant = bench.tune(seeds[0], tried)
+        tune_seeds = [int(s) for s in args.tune_seeds.split(",") if s] or seeds[:1]
+        variant = bench.tune(tune_seeds, tried)
     elif not variant:
         tuned = os.path.join(bench.out, "tune.json")
         variant = json.load(open(tuned))["best"] if os.path.exists(tuned) else "taylor"
