@@ -216,3 +216,33 @@ def test_second_order_criterion_and_every_group_type_prune_inside_one_compilatio
     spec = ArchSpec.from_masks(host.masks, cfg, 10, 10, host.history)
     assert {e.type for e in spec.events} <= set(config.prune.group_types)
     assert len(spec.events) == sum(int((~np.asarray(m)).sum()) for m in host.masks.values())
+
+
+def _branch_outputs(jaxpr) -> list:
+    """Shapes of every output of every lax.cond in a (closed) jaxpr, nested ones included."""
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "cond":
+            out += [tuple(v.aval.shape) for v in eqn.outvars]
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else [param]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    out += _branch_outputs(inner)
+    return out
+
+
+@pytest.mark.parametrize("criterion", ["taylor", "taylor_fisher"])
+def test_no_params_sized_array_passes_through_a_branch(criterion):
+    """A lax.cond's outputs are fresh buffers: on a pod, a branch over the state would hold a
+    second copy of params, Adam moments and Σg per chip. The event and the saliency window
+    branch over mask-sized arrays only (train_step.apply_event, saliency.accumulate_in_window)."""
+    config = make_tiny_config()
+    config.prune.criterion = criterion
+    trainer = train.build_trainer(config, sharding.make_mesh((8, 1, 1)))
+    state = jax.eval_shape(trainer.init, jax.random.key(0))
+    batch = jax.ShapeDtypeStruct((config.train.global_batch, config.train.seq_len + 1), np.int32)
+    branched = _branch_outputs(jax.make_jaxpr(trainer.step)(state, batch).jaxpr)
+    params_shaped = {tuple(x.shape) for x in jax.tree.leaves(state.params) if x.size >= 256}
+    assert branched, "the step has no branches at all: the test no longer looks at the event"
+    assert not params_shaped & set(branched), sorted(params_shaped & set(branched))
