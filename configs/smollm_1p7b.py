@@ -14,7 +14,7 @@ def get_config(variant: str = "134m"):
     config.model.update(vocab_size=49152, d_model=2048, num_layers=24, num_heads=32,
                         num_kv_heads=32, head_dim=64, ffn_dim=8192, rope_theta=10000.0,
                         tie_embeddings=True, dtype="bfloat16",
-                        # Fits a 16 GiB v5e chip at 4 rows of 2048 tokens (AOT: 5.2 GiB per chip;
+                        # Fits a 16 GiB v5e chip at 4 rows of 2048 tokens (AOT: 5.8 GiB per chip;
                         # 'dots' needs 15.9 GiB). Attention: splash on TPU, chosen by 'auto'.
                         remat="full", attention="auto", attention_block=512)
     config.train.loss_chunk = 512  # logits of 512 positions at a time, never all [B, T, V]
