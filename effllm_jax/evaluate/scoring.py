@@ -10,7 +10,8 @@ in characters of the harness's choice string first.
 Our models (LanguageModel, MaskedLanguageModel) are scored packed (`_score_packed`): the
 requests of one context form a group, the context once and then each continuation's inputs,
 each continuation attending to the context and itself (model/decode.py, packed scoring), so a
-shared context runs once (2-4x fewer tokens on most multiple-choice tasks). Groups are packed
+shared context runs once (2-4x fewer tokens on most multiple-choice tasks); groups whose
+contexts share a prefix (WinoGrande's two options) merge, the prefix once. Groups are packed
 first-fit into rows of ROW_WIDTH tokens, so padding is only each row's unused tail; batch_size
 rows a batch (a power of two for the last one), so few shapes compile. The body returns hidden
 states; the head unembeds only the scored positions, HEAD_CHUNK at a time: no [B, T, V] logits.

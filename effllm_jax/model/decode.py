@@ -353,10 +353,12 @@ class Decoder:
 
 # ------------------------------------------------------------------------ packed scoring ---
 # Scoring (evaluation) packs several documents into a row, each one shared context and its
-# continuations: segment 0 is the context, segment i > 0 the i-th continuation, which sees its
-# document's context and itself (never another continuation or document) and takes RoPE
-# positions that go on from the context's end, so each continuation computes what it would
-# after its context alone. Padding has document -1.
+# continuations: segment 0 is the context (or the prefix its requests share), segment i > 0
+# the i-th request's inputs after it, which see their document's context and themselves
+# (never another continuation or document) and take RoPE positions that go on from the
+# context's end, so each continuation computes what it would after its context alone.
+# Padding has document -1. Rows attend in blocks of QUERY_BLOCK queries, each over the keys
+# before its end only (causal), so a wide row skips about half the attention.
 
 QUERY_BLOCK = 128  # packed rows attend in blocks of queries, each over the keys up to its end
 
