@@ -156,10 +156,12 @@ def test_batched_padded_scoring_matches_unpadded_forward():
 
 def _packing_requests(tokenizer) -> list[tuple[list[int], list[int]]]:
     """Shared contexts with 1-token and longer continuations, a repeat, an empty continuation,
-    an empty context, a left-truncated window and a context whose choices overflow one group."""
+    an empty context, a left-truncated window, a context whose choices overflow one group, and
+    WinoGrande's shape: two contexts that differ only at their end (the last two requests)."""
     pairs = [("Question: what?\nAnswer:", c) for c in (" y", " n", " maybe so", " y")]
     pairs += [("Q:", ""), ("", "hello"), ("x" * 50, " long context gets truncated on the left")]
     pairs += [("abc", " " + "defghij"[:k] * 3) for k in range(1, 8)]
+    pairs += [("Tom hit Ann so Tom", " ran off"), ("Tom hit Ann so Ann", " ran off")]
     return [scoring.encode_pair(tokenizer, c, x) for c, x in pairs]
 
 
@@ -191,6 +193,9 @@ def test_packed_scoring_equals_row_by_row_scoring(kind):
     groups = scoring.context_groups(
         [((c + x)[-41:][:-1], (c + x)[-41:][1:], len(x)) for c, x in encoded], max_length)
     assert len(groups) < len(encoded) - 1 and max(len(g.tokens) for g in groups) <= max_length
+    last_two = {len(encoded) - 2, len(encoded) - 1}  # share "Tom hit Ann so ", run once
+    shared = [g for g in groups if last_two <= {i for i, _, _ in g.scored}]
+    assert len(shared) == 1 and len(shared[0].tokens) < 2 * len(encoded[-1][0])
     assert len(scoring.pack_rows(groups, scoring.ROW_WIDTH, (16, 32), max_length)) == 1
     progress = []
     packed = scoring.score_token_requests(lm, encoded, max_length=max_length, batch_size=3,

@@ -10,7 +10,8 @@ in characters of the harness's choice string first.
 Our models (LanguageModel, MaskedLanguageModel) are scored packed (`_score_packed`): the
 requests of one context form a group, the context once and then each continuation's inputs,
 each continuation attending to the context and itself (model/decode.py, packed scoring), so a
-shared context runs once (2-4x fewer tokens on most multiple-choice tasks). Groups are packed
+shared context runs once (2-4x fewer tokens on most multiple-choice tasks); groups whose
+contexts share a prefix (WinoGrande's two options) merge, the prefix once. Groups are packed
 first-fit into rows of ROW_WIDTH tokens, so padding is only each row's unused tail; batch_size
 rows a batch (a power of two for the last one), so few shapes compile. The body returns hidden
 states; the head unembeds only the scored positions, HEAD_CHUNK at a time: no [B, T, V] logits.
@@ -33,6 +34,7 @@ DEFAULT_MAX_LENGTH = 2048  # the harness's fallback when a model states no conte
 DEFAULT_BATCH_SIZE = 16
 HEAD_CHUNK = 256  # scored positions unembedded at a time: at most [256, V] logits exist
 ROW_WIDTH = 256  # tokens per packed row (a longer context group gets a wider row)
+MIN_SHARED_PREFIX = 4  # tokens two different contexts must share to be packed as one group
 
 
 def _valid_id(token_id: Any) -> bool:
@@ -182,35 +184,78 @@ class ContextGroup(NamedTuple):
 
 def context_groups(windows: Sequence[tuple[Sequence[int], Sequence[int], int]],
                    max_length: int) -> list[ContextGroup]:
-    """Each context once, then its continuations' inputs, at most max_length tokens a group.
+    """Requests that share a prefix of their inputs as one group: that prefix once, then each
+    request's remaining inputs, at most max_length tokens a group.
 
-    A request's first continuation token is predicted at the context's last position, shared
-    by all of them; its later ones within its own segment. A context with more continuations
-    than fit is repeated in another group.
+    First the requests of one context (the choices of one question) form a group; a context
+    with more continuations than fit is repeated in another. Then, taken in the sorted order
+    of their prefixes, neighbouring groups that share at least MIN_SHARED_PREFIX tokens merge
+    when that saves tokens and the merged group fits a row (WinoGrande's two contexts
+    differ only in the option at their end). A request's scored positions are then in the
+    shared prefix or in its own segment.
     """
     by_context: dict[tuple[int, ...], list[int]] = {}
     for i, (inp, _, n_cont) in enumerate(windows):
         if n_cont:  # nothing to score: log-likelihood 0, greedy
             by_context.setdefault(tuple(inp[:len(inp) - n_cont + 1]), []).append(i)
-    groups: list[ContextGroup] = []
-    for context, members in by_context.items():
-        group = None
+    plans: list[list[int]] = []  # member requests of each group
+    for members in by_context.values():
+        plans.append([])
         for i in members:
-            inp, tgt, n_cont = windows[i]
-            extra = inp[len(context):]  # continuation inputs after the context's last token
-            if group is None or len(group.tokens) + len(extra) > max_length:
-                group = ContextGroup(list(context), list(range(len(context))),
-                                     [0] * len(context), [])
-                groups.append(group)
-            segment = group.segments[-1] + 1  # the context is 0; continuations count up
-            start = len(group.tokens)
-            group.scored.append((i, len(context) - 1, tgt[-n_cont]))
-            group.scored.extend((i, start + j, t)
-                                for j, t in enumerate(tgt[len(tgt) - n_cont + 1:]))
-            group.tokens.extend(extra)
-            group.positions.extend(range(len(context), len(context) + len(extra)))
-            group.segments.extend([segment] * len(extra))
-    return groups
+            if _group_tokens(windows, plans[-1] + [i]) > max_length:
+                plans.append([])
+            plans[-1].append(i)
+    merged: list[list[int]] = []
+    for members in sorted(plans, key=lambda m: tuple(windows[m[0]][0])):
+        if merged:
+            both = merged[-1] + members
+            size = _group_tokens(windows, both)
+            if (_shared_length(windows, both) >= MIN_SHARED_PREFIX and size <= min(ROW_WIDTH, max_length)
+                    and size < _group_tokens(windows, merged[-1])
+                    + _group_tokens(windows, members)):
+                merged[-1] = both
+                continue
+        merged.append(members)
+    return [_group(windows, members) for members in merged]
+
+
+def _shared_length(windows: Sequence[tuple[Sequence[int], Sequence[int], int]],
+                   members: Sequence[int]) -> int:
+    """Length of the longest prefix that the inputs of all `members` share."""
+    inputs = [windows[i][0] for i in members]
+    n = min(len(x) for x in inputs)
+    first = inputs[0]
+    for k in range(n):
+        if any(x[k] != first[k] for x in inputs[1:]):
+            return k
+    return n
+
+
+def _group_tokens(windows: Sequence[tuple[Sequence[int], Sequence[int], int]],
+                  members: Sequence[int]) -> int:
+    """Tokens of the group of `members`: their shared prefix once, then each one's rest."""
+    if not members:
+        return 0
+    shared = _shared_length(windows, members)
+    return shared + sum(len(windows[i][0]) - shared for i in members)
+
+
+def _group(windows: Sequence[tuple[Sequence[int], Sequence[int], int]],
+           members: Sequence[int]) -> ContextGroup:
+    """The group of `members` sharing their first `shared` input tokens: the prefix, then one
+    segment per member with its inputs after the prefix (RoPE positions going on from it)."""
+    shared = _shared_length(windows, members)
+    prefix = list(windows[members[0]][0][:shared])
+    group = ContextGroup(prefix, list(range(shared)), [0] * shared, [])
+    for segment, i in enumerate(members, start=1):
+        inp, tgt, n_cont = windows[i]
+        start = len(group.tokens) - shared  # column of input `shared` of this request
+        group.scored.extend((i, k if k < shared else start + k, tgt[k])
+                            for k in range(len(inp) - n_cont, len(inp)))
+        group.tokens.extend(inp[shared:])
+        group.positions.extend(range(shared, len(inp)))
+        group.segments.extend([segment] * (len(inp) - shared))
+    return group
 
 
 def pack_rows(groups: Sequence[ContextGroup], width: int, buckets: Sequence[int],
