@@ -3,6 +3,9 @@
 `token_nll` is the definition. `chunked_token_nll` computes the same sum from hidden states,
 a slice of tokens at a time, so the whole [B, T, V] float32 logits never exist at once: each
 chunk's logits are recomputed in the backward pass (jax.checkpoint) instead of being kept.
+`unembed_nll` (what training uses) fuses the unembedding with it under one custom gradient:
+per chunk the logits are computed once, and the loss, d(logits) = softmax - onehot, d(hidden)
+and d(table) come out of the same pass; the backward only scales them by the cotangent.
 """
 from __future__ import annotations
 
@@ -37,18 +40,9 @@ def chunked_token_nll(hidden: jax.Array, targets: jax.Array,
     Rows stay whole (the batch axis keeps its sharding); the sequence is cut into pieces of
     `chunk` positions (the last one padded with zero-weight targets). chunk >= T is one piece.
     """
-    seq_len = hidden.shape[1]
-    if chunk <= 0 or chunk >= seq_len:
+    if chunk <= 0 or chunk >= hidden.shape[1]:
         return token_nll(logits_fn(hidden), targets)
-    pad = -seq_len % chunk
-    weights = jnp.ones(targets.shape, jnp.float32)
-    if pad:
-        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        targets, weights = (jnp.pad(x, ((0, 0), (0, pad))) for x in (targets, weights))
-    pieces = (seq_len + pad) // chunk
-
-    def split(x):  # [B, T, ...] -> [pieces, B, chunk, ...]
-        return jnp.moveaxis(x.reshape(x.shape[0], pieces, chunk, *x.shape[2:]), 1, 0)
+    hidden, targets, weights = _pad_to_chunks(hidden, targets, chunk)
 
     @jax.checkpoint
     def piece_nll(h, t, w):
@@ -59,9 +53,21 @@ def chunked_token_nll(hidden: jax.Array, targets: jax.Array,
         return (totals[0] + total, totals[1] + count), None
 
     zero = jnp.zeros((), jnp.float32)
-    (total, count), _ = jax.lax.scan(body, (zero, zero),
-                                     (split(hidden), split(targets), split(weights)))
+    (total, count), _ = jax.lax.scan(
+        body, (zero, zero), tuple(_split_positions(x, chunk) for x in (hidden, targets, weights)))
     return total, count
+
+
+def _pad_to_chunks(hidden: jax.Array, targets: jax.Array, chunk: int
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(hidden, targets, weights) with the sequence padded to a multiple of `chunk` by
+    zero-weight positions (no loss, no gradient); weights are 1 elsewhere."""
+    pad = -hidden.shape[1] % chunk
+    weights = jnp.ones(targets.shape, jnp.float32)
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets, weights = (jnp.pad(x, ((0, 0), (0, pad))) for x in (targets, weights))
+    return hidden, targets, weights
 
 
 def _split_positions(x: jax.Array, chunk: int) -> jax.Array:
@@ -142,10 +148,6 @@ def unembed_nll(hidden: jax.Array, table: jax.Array, targets: jax.Array, chunk: 
     fused gradient described in the module docstring."""
     seq_len = hidden.shape[1]
     chunk = seq_len if chunk <= 0 or chunk >= seq_len else chunk
-    pad = -seq_len % chunk
-    weights = jnp.ones(targets.shape, jnp.float32)
-    if pad:  # zero-weight positions: no loss, no gradient
-        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        targets, weights = (jnp.pad(x, ((0, 0), (0, pad))) for x in (targets, weights))
+    hidden, targets, weights = _pad_to_chunks(hidden, targets, chunk)
     total = _unembed_nll(hidden, table, targets, weights, chunk)
     return total, jnp.float32(targets.shape[0] * seq_len)

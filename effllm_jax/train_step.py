@@ -6,8 +6,9 @@ pruning event (select.py) shrinks the masks, records what went (history.py), zer
 removed weights and their Adam moments, and resets the saliency. Masks are tiny arrays of
 static shape, so events never recompile: the event's decision is a `lax.cond` branch over
 small arrays, compiled once with the step, and applying it is a select on every step, so no
-params-sized array is copied through a branch (on a pod that copy is per-chip memory). With `prune.compensation='obs'` the step also sums the input second moments of the
-prunable linear layers inside the pruning window, and the event first moves the kept weights
+params-sized array is copied through a branch (on a pod that copy is per-chip memory). With
+`prune.compensation='obs'` the step also sums the input second moments of the prunable linear
+layers inside the pruning window, and the event first moves the kept weights
 to make up for the removed inputs (pruning/compensate.py). With distillation (distill.py) the
 loss mixes in a frozen teacher's logits; the learning rate follows the run's phases (phases.py).
 """
@@ -150,11 +151,16 @@ def prune_event(state: TrainState, cfg: StepConfig, tx: optax.GradientTransforma
     """Shrinks the masks to this step's budget; removed weights and moments become zero.
     `sequences` (per batch) scales the Fisher estimate of the second-order criteria."""
     masks, record = event_decision(state, cfg, sequences)
-    params = state.params
-    if cfg.compensation == "obs":  # moments of moved weights are kept (compensate.py)
-        params = compensate.compensate(params, state.masks, masks, state.stats, cfg.model,
-                                       cfg.damping)
-    return apply_event(state.replace(params=params), masks, record, cfg, tx, True)
+    if cfg.compensation == "obs":
+        state = state.replace(params=compensated_params(state, masks, cfg))
+    return apply_event(state, masks, record, cfg, tx, True)
+
+
+def compensated_params(state: TrainState, masks: dict, cfg: StepConfig) -> dict:
+    """The params with the kept weights moved to make up for what `masks` removes (OBS,
+    compensate.py); the moments of moved weights are kept."""
+    return compensate.compensate(state.params, state.masks, masks, state.stats, cfg.model,
+                                 cfg.damping)
 
 
 def event_decision(state: TrainState, cfg: StepConfig, sequences: int) -> tuple[dict, dict]:
@@ -253,9 +259,7 @@ def train_step(state: TrainState, batch: jax.Array, *, cfg: StepConfig,
                                  lambda: (state.masks, state.history))
     if cfg.compensation == "obs":  # moves kept weights: a params-sized branch, only with OBS
         state = state.replace(params=jax.lax.cond(
-            is_event, lambda: compensate.compensate(state.params, state.masks, masks,
-                                                    state.stats, cfg.model, cfg.damping),
-            lambda: state.params))
+            is_event, lambda: compensated_params(state, masks, cfg), lambda: state.params))
     state = apply_event(state, masks, record, cfg, tx, is_event)
     counts = groups.unit_counts(state.masks, cfg.model)
     metrics = {
