@@ -31,7 +31,7 @@ PEAK_FLOPS = {
     "TPU v6 lite": 918e12,
     "TPU v6e": 918e12,
     "NVIDIA H100 80GB HBM3": 989e12,
-    "NVIDIA H200": 989e12,
+    "NVIDIA H200": 989e12,  # the H100 SXM's bf16 dense figure (same compute, more HBM)
     "NVIDIA A100-SXM4-80GB": 312e12,
     "NVIDIA A100-SXM4-40GB": 312e12,
 }

@@ -142,3 +142,28 @@ def test_splash_kernel_in_interpret_mode_equals_einsum(monkeypatch):
     np.testing.assert_allclose(lean(q, k, v), attention.einsum_attention(q, k, v), atol=1e-5)
     np.testing.assert_allclose(jax.grad(loss, argnums=1)(lean, q),
                                jax.grad(loss, argnums=1)(attention.einsum_attention, q), atol=1e-4)
+
+
+def test_dot_product_asks_for_cudnn_on_gpu_in_half_precision(monkeypatch):
+    # jax's default implementation on GPU is the XLA path, which materialises the scores and
+    # ran 6.5x slower than cuDNN's kernel on an H200 (bench/accelerator.py); CPU cannot run
+    # cuDNN, so this checks the request, and that a refusal falls back to the XLA path.
+    asked = []
+
+    def fake(q, k, v, is_causal, implementation=None):
+        asked.append(implementation)
+        if implementation == "cudnn" and q.shape[-1] > 128:
+            raise ValueError("head_dim too large for cuDNN")
+        return q
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", fake)
+    monkeypatch.setattr(attention.sharding, "current_platform", lambda: "gpu")
+    bf16 = jnp.zeros((1, 8, 2, 16), jnp.bfloat16)
+    attention.causal_attention(bf16, bf16, bf16, "dot_product")
+    attention.causal_attention(bf16.astype(jnp.float32), bf16, bf16, "dot_product")
+    wide = jnp.zeros((1, 8, 2, 256), jnp.bfloat16)
+    attention.causal_attention(wide, wide, wide, "dot_product")
+    assert asked == ["cudnn", None, "cudnn", None]
+    monkeypatch.setattr(attention.sharding, "current_platform", lambda: "cpu")
+    attention.causal_attention(bf16, bf16, bf16, "dot_product")
+    assert asked[-1] is None

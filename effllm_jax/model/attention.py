@@ -5,7 +5,7 @@ only turns (q, k, v) with equal head counts into the per-head output, by one of:
   einsum       the reference: full [B, H, T, T] float32 scores (fastest for short sequences)
   blockwise    flash-style in pure JAX: KV blocks with an online softmax and a custom VJP
                that recomputes scores per block; memory O(B H T block), any backend
-  dot_product  jax.nn.dot_product_attention (cuDNN's fused kernel on GPU, XLA elsewhere)
+  dot_product  jax.nn.dot_product_attention (cuDNN's fused kernel asked for on GPU, XLA elsewhere)
   splash       the Pallas splash-attention kernel on TPU (shard_map over the activation mesh)
   auto         splash on TPU (seq_len a multiple of 128), dot_product on GPU (bf16), else
                einsum up to `EINSUM_MAX_SEQ` tokens and blockwise beyond
@@ -57,10 +57,23 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, kind: str = "eins
     if kind == "blockwise":
         return blockwise_attention(q, k, v, block)
     if kind == "dot_product":
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True).astype(q.dtype)
+        return dot_product_attention(q, k, v)
     if kind == "splash":
         return splash_attention(q, k, v, block)
     raise ValueError(f"unknown attention kind {kind!r}; expected one of {KINDS}")
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """jax.nn.dot_product_attention, asking for cuDNN's fused kernel on GPU in half precision:
+    the default (`implementation=None`) runs the XLA path there, which materialises the
+    scores (measured on an H200, bench/accelerator.py: 6.5x slower fwd+bwd at 2048 tokens).
+    Shapes cuDNN does not take fall back to that XLA path."""
+    if sharding.current_platform() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+        try:
+            return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+        except (NotImplementedError, ValueError, RuntimeError):
+            pass  # e.g. a head_dim cuDNN does not support
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True).astype(q.dtype)
 
 
 def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
