@@ -9,7 +9,10 @@ For each shape (the issue's two: demo = configs/tiny.py at 16x128 tokens; 8m = V
   window_obs   inside the window with prune.compensation=obs (its input second moments)
   window_obs128  the same with prune.obs_block=128 (block-diagonal statistics)
   event        a pruning-event step (every step an event)
-  dense75/50   the dense model at a compacted shape holding 75% / 50% of the parameters
+  dense75/50   the dense model at a compacted shape holding 75% / 50% of the parameters, all
+               heads kept (hidden and FFN widths cut)
+  dense75_heads/dense50_heads  the same budgets with the query and KV heads cut in the same
+               proportion as the hidden width (what pruning all three group kinds produces)
   accum2       train.grad_accum_steps=2 (same batch, two microbatches)
   remat_full, remat_dots, bf16    model.remat / model.dtype variants of the plain step
   loss_unfused the plain step with the unfused loss (logits, then token_nll, autodiff), the
@@ -46,7 +49,8 @@ SHAPES = {
     "8m": (dict(vocab_size=8192, d_model=256, num_layers=8, num_heads=8, num_kv_heads=2,
                 head_dim=32, ffn_dim=768), 8, 256),
 }
-ARMS = ("plain", "window", "window_obs", "window_obs128", "event", "dense75", "dense50", "accum2",
+ARMS = ("plain", "window", "window_obs", "window_obs128", "event", "dense75", "dense50",
+        "dense75_heads", "dense50_heads", "accum2",
         "remat_full", "remat_dots", "bf16", "loss_unfused", "torch")
 NEVER = 10 ** 7  # a step count no bench reaches
 
@@ -63,20 +67,34 @@ def shape_config(shape: str, **model):
     return c
 
 
-def compacted_dims(shape: str, fraction: float) -> dict:
-    """Hidden and FFN widths (multiples of 8, heads kept) of a dense model holding about
-    `fraction` of the shape's parameters: what compaction to that budget would run."""
+def dense_arm(arm: str) -> tuple[float, bool]:
+    """'dense50_heads' -> (0.5, True): the budget and whether heads are cut too."""
+    budget, _, heads = arm[len("dense"):].partition("_")
+    return int(budget) / 100, heads == "heads"
+
+
+def compacted_dims(shape: str, fraction: float, cut_heads: bool = False) -> dict:
+    """Widths (hidden and FFN multiples of 8) of a dense model holding about `fraction` of the
+    shape's parameters: what compaction to that budget would run. Either the heads are kept
+    (hidden and FFN widths searched), or, with `cut_heads`, every width (hidden, FFN, query
+    and KV heads, the GQA ratio kept) is scaled by one factor."""
     dims = SHAPES[shape][0]
     target = fraction * groups.dense_params(config_lib.model_config(shape_config(shape)))
     best = None
     for scale in np.linspace(0.3, 1.0, 141):
         d = max(8, int(round(dims["d_model"] * scale / 8)) * 8)
-        for ffn in range(8, dims["ffn_dim"] + 1, 8):
-            n = groups.dense_params(config_lib.model_config(shape_config(shape, d_model=d,
-                                                                         ffn_dim=ffn)))
+        if cut_heads:
+            kv = max(1, int(round(dims["num_kv_heads"] * scale)))
+            candidates = [dict(d_model=d, ffn_dim=max(8, int(round(dims["ffn_dim"] * scale / 8)) * 8),
+                               num_heads=kv * (dims["num_heads"] // dims["num_kv_heads"]),
+                               num_kv_heads=kv)]
+        else:
+            candidates = [dict(d_model=d, ffn_dim=f) for f in range(8, dims["ffn_dim"] + 1, 8)]
+        for widths in candidates:
+            n = groups.dense_params(config_lib.model_config(shape_config(shape, **widths)))
             if best is None or abs(n - target) < best[0]:
-                best = (abs(n - target), d, ffn)
-    return {"d_model": best[1], "ffn_dim": best[2]}
+                best = (abs(n - target), widths)
+    return best[1]
 
 
 def arm_config(shape: str, arm: str):
@@ -88,8 +106,8 @@ def arm_config(shape: str, arm: str):
             c.prune.update(compensation="obs", obs_block=int(arm[len("window_obs"):] or 0))
     elif arm == "event":  # an event every step (the budget hardly moves, the work is all done)
         c.prune.update(warmup_steps=0, prune_steps=NEVER, every=1)
-    elif arm in ("dense75", "dense50"):
-        c = shape_config(shape, **compacted_dims(shape, int(arm[-2:]) / 100))
+    elif arm.startswith("dense"):
+        c = shape_config(shape, **compacted_dims(shape, *dense_arm(arm)))
     elif arm == "accum2":
         c.train.grad_accum_steps = 2
     elif arm.startswith("remat_"):
@@ -217,7 +235,7 @@ def measure(shape: str, arms: list[str], rounds: int, steps: int, loop: bool) ->
               "tok_s": tok_s, "tok_s_rounds": rates, "peak_f32_flops": peak,
               "cpu_ms_per_step": {arm: statistics.median(v) for arm, v in cpu_ms.items()},
               "cpu_ms_rounds": cpu_ms,
-              "compacted_dims": {a: compacted_dims(shape, int(a[-2:]) / 100)
+              "compacted_dims": {a: compacted_dims(shape, *dense_arm(a))
                                  for a in arms if a.startswith("dense")}}
     if "plain" in tok_s:
         cfg = config_lib.model_config(config)
