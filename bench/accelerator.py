@@ -1,7 +1,7 @@
 """The train step on a real accelerator: matmul peak, attention cores, the paper's source step.
 
   python bench/accelerator.py [--config=configs/smollm_1p7b.py:134m] [--batch=16] [--steps=5]
-      [--small] [--out=bench/results/accelerator.json]
+      [--arms=plain,event,plain+model.remat=dots] [--small] [--out=bench/results/accelerator.json]
 
 For one GPU or TPU host (`--small` shrinks every size so the script itself can be checked on
 CPU). In one process:
@@ -186,9 +186,22 @@ def _dense_flops_per_token(config) -> float:
     return 6.0 * matmul + 3.0 * attention_fwd
 
 
-def steps(config_spec: str, batch: int, n: int, small: bool) -> list[dict]:
+def apply_override(config, assignment: str) -> None:
+    """'model.remat=dots' -> config.model.remat = 'dots' (typed like the current value)."""
+    dotted, _, text = assignment.partition("=")
+    *path, field = dotted.split(".")
+    node = config
+    for name in path:
+        node = node[name]
+    current = node[field]
+    node[field] = text if isinstance(current, str) else type(current)(eval(text))  # noqa: S307
+
+
+def steps(config_spec: str, arms: list[str], batch: int, n: int, small: bool) -> list[dict]:
+    """Each arm: 'plain' or 'event', optionally '+field=value' overrides ('plain+model.remat=dots')."""
     rows = []
-    for name in ("plain", "event"):
+    for arm in arms:
+        kind, *overrides = arm.split("+")
         config = load_config(config_spec)
         config.train.global_batch = batch
         if small:
@@ -196,13 +209,15 @@ def steps(config_spec: str, batch: int, n: int, small: bool) -> list[dict]:
                                 ffn_dim=256, vocab_size=1024, dtype="float32")
             config.train.update(seq_len=256)
         config.mesh.shape = (1, -1, 1)
-        if name == "event":  # an event every step: the ranking and new masks each time
+        if kind == "event":  # an event every step: the ranking and new masks each time
             config.prune.update(warmup_steps=0, prune_steps=10 ** 7, every=1)
+        for assignment in overrides:
+            apply_override(config, assignment)
         try:
-            rows.append(step_arm(config, name, n))
+            rows.append(step_arm(config, arm, n))
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
-            rows.append({"arm": name, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            rows.append({"arm": arm, "error": f"{type(e).__name__}: {str(e)[:300]}"})
     return rows
 
 
@@ -213,6 +228,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--small", action="store_true")
     parser.add_argument("--parts", default="peak,cores,masked,step")
+    parser.add_argument("--arms", default="plain,event",
+                        help="step arms: plain|event, each with optional +field=value overrides")
     parser.add_argument("--out", default="bench/results/accelerator.json")
     args = parser.parse_args()
     parts = args.parts.split(",")
@@ -222,7 +239,8 @@ def main() -> None:
     print(result, flush=True)
     for part, fn in (("peak", lambda: peak(args.small)), ("cores", lambda: cores(args.small)),
                      ("masked", lambda: masked_losses(args.small)),
-                     ("step", lambda: steps(args.config, args.batch, args.steps, args.small))):
+                     ("step", lambda: steps(args.config, args.arms.split(","), args.batch, args.steps,
+                                            args.small))):
         if part in parts:
             try:
                 result[part] = fn()
