@@ -28,6 +28,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 import jax  # noqa: E402
 
 from effllm_jax import checkpoint as ckpt_lib  # noqa: E402
+from effllm_jax import compiler_options  # noqa: E402
 from effllm_jax import config as config_lib  # noqa: E402
 from effllm_jax import sharding, train  # noqa: E402
 from effllm_jax import train_step as ts  # noqa: E402
@@ -62,6 +63,7 @@ class Report:
     collectives: dict
     compile_s: float
     hlo: str = dataclasses.field(repr=False, default="")
+    options: dict = dataclasses.field(default_factory=dict)  # train.tpu_compiler_options
 
     @property
     def total_bytes(self) -> int:
@@ -135,6 +137,9 @@ def compile_step(config, topology: str, hbm_gib: float = 0.0) -> Report:
         compiled = trainer.step.lower(state, batch).compile()
     except Exception as e:  # XLA refuses programs that cannot fit in HBM
         text = str(e)
+        if "No such compile option" in text:  # a name libtpu does not know
+            first = next((line for line in text.splitlines() if line.strip()), text)
+            raise AotError(f"train.tpu_compiler_options: {first.strip()}") from None
         if "RESOURCE_EXHAUSTED" in text or "exceeds" in text.lower() and "memory" in text.lower():
             first = next((line for line in text.splitlines() if line.strip()), text)
             raise AotError(f"does not fit on {topology} ({devices[0].device_kind}, "
@@ -152,7 +157,8 @@ def compile_step(config, topology: str, hbm_gib: float = 0.0) -> Report:
                   alias_bytes=int(memory.alias_size_in_bytes),
                   temp_bytes=int(memory.temp_size_in_bytes), hbm_bytes=hbm,
                   flops=float((cost or {}).get("flops", 0.0)),
-                  collectives=count_collectives(hlo), compile_s=compile_s, hlo=hlo)
+                  collectives=count_collectives(hlo), compile_s=compile_s, hlo=hlo,
+                  options=compiler_options.for_mesh(t.get("tpu_compiler_options", ""), mesh) or {})
 
 
 def print_report(r: Report) -> None:
@@ -166,6 +172,9 @@ def print_report(r: Report) -> None:
     print(f"FLOPs per chip per step: {r.flops:.3e} (XLA cost analysis: a scanned loop body "
           f"counts once)")
     print("collectives: " + ", ".join(f"{k} {v}" for k, v in r.collectives.items()))
+    if r.options:
+        print("XLA options (train.tpu_compiler_options): "
+              + ", ".join(f"{k}={v}" for k, v in r.options.items()))
     if not r.fits:
         print(f"does not fit: {r.total_bytes / GIB:.2f} GiB per chip is "
               f"{(r.total_bytes - r.hbm_bytes) / GIB:.2f} GiB over the HBM of a {r.device_kind}")

@@ -15,7 +15,7 @@ import re
 import ml_collections
 
 from effllm_jax import data as data_lib
-from effllm_jax import compaction, distill, init_from, phases, sharding
+from effllm_jax import compaction, compiler_options, distill, init_from, phases, sharding
 from effllm_jax.model import attention
 from effllm_jax.model.llama import REMAT_POLICIES, ModelConfig
 from effllm_jax.pruning import groups, select
@@ -79,7 +79,8 @@ def base_config() -> ml_collections.ConfigDict:
         loss_chunk=512,  # positions of logits per piece of the loss (0: whole sequence at once)
         init_from="",  # '' (random init) | a .gguf, HF dir, export or run dir (init_from.py)
         max_bad_steps=20,  # non-finite steps in a row (skipped) before the run stops (integrity.py)
-        grad_accum_steps=1))  # microbatches per update (global_batch / this rows each, summed)
+        grad_accum_steps=1,  # microbatches per update (global_batch / this rows each, summed)
+        tpu_compiler_options=""))  # 'xla_name=value,...' for TPU compiles (compiler_options.py)
     c.mesh = ml_collections.ConfigDict(dict(
         shape=(-1, 1, 1),  # (data, fsdp, tensor); one -1 fills the remaining devices
         rules=sharding.DEFAULT_RULES,
@@ -217,6 +218,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     init_from.validate_config(config, cfg)
     if int(t.loss_chunk) < 0:
         raise ValueError(f"train.loss_chunk={t.loss_chunk} must be >= 0 (0: whole sequence)")
+    compiler_options.validate_config(config)
     if t.eval_tasks_every:
         if not t.eval_tasks:
             raise ValueError(f"train.eval_tasks_every={t.eval_tasks_every} but train.eval_tasks "

@@ -23,7 +23,8 @@ import numpy as np
 from effllm_jax import checkpoint as ckpt_lib
 from effllm_jax import config as config_lib
 from effllm_jax import data as data_lib
-from effllm_jax import compaction, distill, distributed, init_from, mfu, paths, resume, sharding
+from effllm_jax import compaction, compiler_options, distill, distributed, init_from, mfu, paths
+from effllm_jax import resume, sharding
 from effllm_jax import integrity, preemption
 from effllm_jax import phases as phases_lib
 from effllm_jax import train_step as ts
@@ -88,14 +89,18 @@ def build_trainer(config, mesh=None, step_cfg: ts.StepConfig | None = None) -> T
     state_sh = ts.state_shardings(step_cfg, tx, mesh, rules)
     init = jax.jit(functools.partial(ts.init_state, step_cfg, tx), out_shardings=state_sh)
     # Traced inside the activation layout, so the model's `sharding.constrain` calls apply.
+    # On TPUs compiled with the run's XLA options (what `aot` measures is what runs).
+    options = compiler_options.for_mesh(config.train.get("tpu_compiler_options", ""), mesh)
     step = jax.jit(sharding.traced_under(mesh, rules,
                                          functools.partial(ts.train_step, cfg=step_cfg, tx=tx)),
                    in_shardings=(state_sh, sharding.batch_sharding(mesh, rules)),
-                   out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
+                   out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0,
+                   compiler_options=options)
     eval_loss = jax.jit(sharding.traced_under(mesh, rules, functools.partial(
                             ts.eval_loss, cfg=step_cfg.model, loss_chunk=step_cfg.loss_chunk)),
                         in_shardings=(state_sh.params, state_sh.masks,
-                                      sharding.batch_sharding(mesh, rules)))
+                                      sharding.batch_sharding(mesh, rules)),
+                        compiler_options=options)
     return Trainer(step_cfg, tx, lr_schedule, mesh, rules, state_sh, init, step, eval_loss)
 
 

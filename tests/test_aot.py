@@ -88,3 +88,20 @@ def test_libtpu_held_by_another_process_is_named_not_an_unknown_topology(monkeyp
     with pytest.raises(aot.AotError, match="libtpu is in use by another process.*"
                                            "ALLOW_MULTIPLE_LIBTPU_LOAD=1"):
         aot.topology_devices("v5e:2x2")
+
+
+def test_tpu_compiler_options_reach_the_compiled_step_only_on_tpu():
+    """train.tpu_compiler_options go into the TPU compile of the trainer's own step (libtpu
+    names an option it does not know), are not passed on a CPU mesh, and a malformed entry is
+    refused by config validation."""
+    from effllm_jax import compiler_options, config as config_lib, sharding
+    config = tiny(16)
+    config.train.tpu_compiler_options = ("xla_tpu_enable_windowed_einsum_for_all_gather=false,"
+                                         "xla_tpu_no_such_option=1")
+    with pytest.raises(aot.AotError, match="tpu_compiler_options.*xla_tpu_no_such_option"):
+        aot.compile_step(config, "v5e:2x2")
+    assert compiler_options.for_mesh(config.train.tpu_compiler_options,
+                                     sharding.make_mesh((-1, 1, 1))) is None  # CPU devices
+    config.train.tpu_compiler_options = "xla_tpu_enable_windowed_einsum_for_all_gather"
+    with pytest.raises(ValueError, match="'xla_tpu_enable_windowed_einsum_for_all_gather' is not"):
+        config_lib.validate(config, 4)

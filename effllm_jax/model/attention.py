@@ -49,8 +49,14 @@ def resolve(kind: str, seq_len: int, dtype, platform: str | None = None) -> str:
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, kind: str = "einsum",
-                     block: int = 512) -> jax.Array:
-    """Causal attention [B, T, H, hd] from q, k, v [B, T, H, hd] (same head count)."""
+                     block: int = 512, heads_first: bool = False) -> jax.Array:
+    """Causal attention [B, T, H, hd] from q, k, v [B, T, H, hd] (same head count); with
+    `heads_first`, all four are [B, H, T, hd] (splash's own layout: no transposes around it)."""
+    if heads_first:
+        if resolve(kind, q.shape[2], q.dtype) == "splash":
+            return splash_attention(q, k, v, block, heads_first=True)
+        q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
+        return causal_attention(q, k, v, kind, block).transpose(0, 2, 1, 3)
     kind = resolve(kind, q.shape[1], q.dtype)
     if kind == "einsum":
         return einsum_attention(q, k, v)
@@ -190,18 +196,24 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, block: int = 5
 # Splash attention (Pallas, TPU only).
 # ----------------------------------------------------------------------------------------
 
-def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, block: int = 512) -> jax.Array:
-    """The TPU splash kernel, run per shard of the activation mesh (batch and heads)."""
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, block: int = 512,
+                     heads_first: bool = False) -> jax.Array:
+    """The TPU splash kernel, run per shard of the activation mesh (batch and heads), on
+    [B, T, H, hd] (heads_first: [B, H, T, hd], the kernel's layout, taken as is)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import (
         splash_attention_kernel as splash, splash_attention_mask as mask_lib)
     b, t, h, d = q.shape
+    if heads_first:
+        h, t = t, h
     blk = min(block, t)
     if t % blk or blk % 128:
         raise ValueError(f"splash attention needs seq_len ({t}) to be a multiple of a block "
                          f"(model.attention_block={block}) that is a multiple of 128")
-    spec = sharding.activation_spec(("batch", None, "heads", None), q.shape)
+    axes = ("batch", "heads", None, None) if heads_first else ("batch", None, "heads", None)
+    spec = sharding.activation_spec(axes, q.shape)
     mesh = sharding.current_mesh()
-    head_shards = 1 if mesh is None or spec[2] is None else _axis_size(mesh, spec[2])
+    head_spec = None if spec is None else spec[axes.index("heads")]
+    head_shards = 1 if mesh is None or head_spec is None else _axis_size(mesh, head_spec)
     local_heads = h // head_shards
     mask = mask_lib.MultiHeadMask([mask_lib.CausalMask((t, t))] * local_heads)
     sizes = splash.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk,
@@ -210,7 +222,9 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, block: int = 512)
     kernel = splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1)
     scale = 1.0 / np.sqrt(d)
 
-    def local(q, k, v):  # [b, t, h, d] per shard -> the kernel's [h, t, d] per row
+    def local(q, k, v):  # per shard; the kernel runs on [h, t, d] per row
+        if heads_first:
+            return jax.vmap(kernel)(q * scale, k, v).astype(q.dtype)
         qh, kh, vh = ((x.transpose(0, 2, 1, 3)) for x in (q * scale, k, v))
         return jax.vmap(kernel)(qh, kh, vh).transpose(0, 2, 1, 3).astype(q.dtype)
 

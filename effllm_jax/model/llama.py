@@ -105,25 +105,29 @@ def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[jax.Array, j
     return jnp.asarray(np.cos(angles)), jnp.asarray(np.sin(angles))
 
 
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotates pairs (i, i + head_dim/2) of x [B, T, heads, head_dim]."""
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, seq_axis: int = 1) -> jax.Array:
+    """Rotates pairs (i, i + head_dim/2) of x [B, T, heads, head_dim] (seq_axis=2:
+    [B, heads, T, head_dim])."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    table_shape = [1] * x.ndim
+    table_shape[seq_axis], table_shape[-1] = cos.shape
+    cos, sin = cos.reshape(table_shape), sin.reshape(table_shape)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
 
 
-def expand_kv(x: jax.Array, kv_index: tuple[int, ...]) -> jax.Array:
-    """KV heads [B, T, KV, hd] -> one per query head [B, T, H, hd] (head h reads kv_index[h])."""
-    kv_heads, heads = x.shape[2], len(kv_index)
+def expand_kv(x: jax.Array, kv_index: tuple[int, ...], head_axis: int = 2) -> jax.Array:
+    """KV heads [B, T, KV, hd] -> one per query head [B, T, H, hd] (head h reads kv_index[h];
+    head_axis=1: [B, KV, T, hd] -> [B, H, T, hd])."""
+    kv_heads, heads = x.shape[head_axis], len(kv_index)
     group = heads // max(kv_heads, 1)  # a layer may have lost every head
     if kv_heads and heads == group * kv_heads and kv_index == tuple(
             h // group for h in range(heads)):
         # Contiguous equal groups (every source model): a repeat, whose gradient is a sum;
         # jnp.take's is a scatter-add, ~4x slower on XLA:CPU.
-        return jnp.repeat(x, group, axis=2)
-    return jnp.take(x, np.asarray(kv_index, dtype=np.int32), axis=2)
+        return jnp.repeat(x, group, axis=head_axis)
+    return jnp.take(x, np.asarray(kv_index, dtype=np.int32), axis=head_axis)
 
 
 class RMSNorm(nnx.Module):
@@ -165,22 +169,30 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
                  head_mask: jax.Array | None = None, stats_block: int | None = None):
         dtype = x.dtype
-        heads = ("batch", None, "heads", "head_dim")
-        q = constrain(jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dtype)), heads)
-        k = jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(dtype))
-        v = jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(dtype))
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k, v = expand_kv(k, self.kv_index), expand_kv(v, self.kv_index)
+        # Splash reads [B, H, T, hd]: projecting straight into it leaves no transposes around
+        # RoPE and the kernel (on TPU each was a materialised, lane-padded copy per q/k/v).
+        heads_first = attention_lib.resolve(self.core, x.shape[1], dtype) == "splash"
+        layout = "bhtk" if heads_first else "bthk"
+        head_axis, seq_axis = (1, 2) if heads_first else (2, 1)
+        heads = (("batch", "heads", None, "head_dim") if heads_first
+                 else ("batch", None, "heads", "head_dim"))
+        project = lambda w: jnp.einsum(f"btd,dhk->{layout}", x, w[...].astype(dtype))
+        q, k, v = constrain(project(self.wq), heads), project(self.wk), project(self.wv)
+        q, k = apply_rope(q, cos, sin, seq_axis), apply_rope(k, cos, sin, seq_axis)
+        k, v = expand_kv(k, self.kv_index, head_axis), expand_kv(v, self.kv_index, head_axis)
         k, v = constrain(k, heads), constrain(v, heads)
-        out = attention_lib.causal_attention(q, k, v, self.core, self.block)
+        out = attention_lib.causal_attention(q, k, v, self.core, self.block, heads_first)
         if head_mask is not None:
-            out = out * head_mask.astype(dtype)[None, None, :, None]
+            shape = [1, 1, 1, 1]
+            shape[head_axis] = -1
+            out = out * head_mask.astype(dtype).reshape(shape)
         out = constrain(out, heads)
-        y = constrain(jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dtype)),
+        y = constrain(jnp.einsum(f"{layout},hkd->btd", out, self.wo[...].astype(dtype)),
                       ("batch", None, "embed"))
         if stats_block is None:
             return y
-        return y, second_moment(out.reshape(*out.shape[:2], -1), stats_block)
+        o_in = out.transpose(0, 2, 1, 3) if heads_first else out  # [B, T, H, hd], as wo reads
+        return y, second_moment(o_in.reshape(*o_in.shape[:2], -1), stats_block)
 
 
 class MLP(nnx.Module):
