@@ -386,13 +386,32 @@ def _packed_hidden(model: _Model, tokens, positions, documents, segments) -> jax
     blocks = [(q, min(q + QUERY_BLOCK, width)) for q in range(0, width, QUERY_BLOCK)]
     for layer in model.layers:
         h = layer.block.attn_norm(x, model.hidden)
-        k, v = _new_kv(layer, h, cos, sin)
-        # causal: a block of queries needs only the keys up to its end (~half the work)
-        attended = [_attention(layer, h[:, a:b], cos[:, a:b], sin[:, a:b], k[:, :b], v[:, :b],
-                               valid[:, a:b, :b]) for a, b in blocks]
-        x = x + (attended[0] if len(attended) == 1 else jnp.concatenate(attended, axis=1))
+        x = x + _packed_attention(layer, h, cos, sin, valid, blocks)
         x = x + layer.block.mlp(layer.block.mlp_norm(x, model.hidden), layer.ffn_mask)
     return x
+
+
+def _packed_attention(layer: _Layer, h, cos, sin, valid, blocks) -> jax.Array:
+    """`_attention` of a whole packed row, its queries in causal blocks: the projections,
+    RoPE and GQA expansion run once for the row and only the scores go block by block, so a
+    block adds a few ops (a program's compile time, and the host memory its cached trace and
+    executable keep, grow with blocks x layers)."""
+    attn, dtype = layer.block.attn, h.dtype
+    q = _rope(jnp.einsum("btd,dhk->bthk", h, attn.wq[...].astype(dtype)), cos, sin)
+    k, v = _new_kv(layer, h, cos, sin)
+    k, v = jnp.take(k, layer.kv_index, axis=2), jnp.take(v, layer.kv_index, axis=2)
+    scale = np.sqrt(q.shape[-1]).astype(np.float32)
+    out = []
+    for a, b in blocks:  # causal: a block of queries needs only the keys up to its end
+        scores = jnp.einsum("bthk,bshk->bhts", q[:, a:b], k[:, :b],
+                            preferred_element_type=jnp.float32) / scale
+        scores = jnp.where(valid[:, None, a:b, :b], scores, _NEG)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+        out.append(jnp.einsum("bhts,bshk->bthk", probs, v[:, :b]))
+    out = out[0] if len(out) == 1 else jnp.concatenate(out, axis=1)
+    if layer.head_mask is not None:
+        out = out * layer.head_mask.astype(dtype)[None, None, :, None]
+    return jnp.einsum("bthk,hkd->btd", out, attn.wo[...].astype(dtype))
 
 
 def _scored_logprobs(model: _Model, h, targets, chunk: int):
