@@ -208,6 +208,21 @@ def test_packed_scoring_equals_row_by_row_scoring(kind):
     assert progress[-1][0] == progress[-1][1] == len(encoded) - 1  # unique requests
 
 
+def test_wide_packed_row_equals_row_by_row_scoring():
+    """A 1024-wide row attends in MAX_QUERY_BLOCKS blocks of 256 queries, scored positions in
+    all of them, and equals the unpacked forward."""
+    lm = tiny_lm()
+    context = [1] + np.random.default_rng(0).integers(3, 256, 749).tolist()
+    encoded = [(context, [5, 6, 7]), (context, [8]), (context[:200], [9, 10]),
+               (context[:520], [11])]
+    assert [w for (_, w), _ in scoring.packed_batches(
+        [(c + x[:-1], (c + x)[1:], len(x)) for c, x in encoded], 1024, 16)] == [1024]
+    packed = scoring.score_token_requests(lm, encoded, max_length=1024)
+    naive = _row_by_row(lm, encoded, 1024)
+    np.testing.assert_allclose([ll for ll, _ in packed], [ll for ll, _ in naive], rtol=1e-6,
+                               atol=1e-5)
+
+
 def test_packed_batches_cover_every_request_once_in_few_shapes():
     """Rows are ROW_WIDTH x a power of two (capped at max_length) and hold at most their
     width; a batch is at most batch_size x ROW_WIDTH tokens; one or two shapes per width."""

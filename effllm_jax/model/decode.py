@@ -357,10 +357,12 @@ class Decoder:
 # the i-th request's inputs after it, which see their document's context and themselves
 # (never another continuation or document) and take RoPE positions that go on from the
 # context's end, so each continuation computes what it would after its context alone.
-# Padding has document -1. Rows attend in blocks of QUERY_BLOCK queries, each over the keys
-# before its end only (causal), so a wide row skips about half the attention.
+# Padding has document -1. Rows attend in blocks of QUERY_BLOCK queries (at most
+# MAX_QUERY_BLOCKS, longer ones for a wider row), each over the keys before its end only
+# (causal), so a wide row skips about half the attention (3/8 with four blocks).
 
 QUERY_BLOCK = 128  # packed rows attend in blocks of queries, each over the keys up to its end
+MAX_QUERY_BLOCKS = 4  # a program grows with blocks x layers: an 8192-wide row stays 4 blocks
 
 
 def packed_attention_mask(documents: jax.Array, segments: jax.Array) -> jax.Array:
@@ -383,7 +385,8 @@ def _packed_hidden(model: _Model, tokens, positions, documents, segments) -> jax
     if model.hidden is not None:
         x = x * model.hidden.astype(dtype)
     width = tokens.shape[1]
-    blocks = [(q, min(q + QUERY_BLOCK, width)) for q in range(0, width, QUERY_BLOCK)]
+    block = max(QUERY_BLOCK, -(-width // MAX_QUERY_BLOCKS))
+    blocks = [(q, min(q + block, width)) for q in range(0, width, block)]
     for layer in model.layers:
         h = layer.block.attn_norm(x, model.hidden)
         x = x + _packed_attention(layer, h, cos, sin, valid, blocks)
