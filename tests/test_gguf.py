@@ -138,6 +138,27 @@ def test_tiny_gguf_imports_exactly(tiny):
     assert lm.tokenizer.encode("<|endoftext|>") == [tokens.index("<|endoftext|>")]
 
 
+def test_import_dequantises_in_row_blocks_and_places_each_tensor_at_once(tiny, monkeypatch):
+    """Row blocks equal one whole-tensor dequantisation; load_gguf puts each tensor on the
+    device before it dequantises the next (never a whole host copy beside the device one)."""
+    tmp, cfg, params, tokens, merges = tiny
+    path = str(tmp / "blocks.gguf")
+    write_gguf(path, cfg, params, tokens, merges)
+    monkeypatch.setattr(gguf_import, "DEQUANTIZE_ROWS", 7)  # the embedding: 300 rows, 43 blocks
+    reader = gguf_import.open_gguf(path)
+    for t in reader.tensors:
+        whole = gguf.quants.dequantize(t.data, t.tensor_type)
+        np.testing.assert_array_equal(gguf_import.dequantize(t),
+                                      whole.reshape(tuple(int(n) for n in reversed(t.shape))))
+    events = []
+    dequantize, device_put = gguf_import.dequantize, jax.device_put
+    monkeypatch.setattr(gguf_import, "dequantize", lambda t: events.append("host") or dequantize(t))
+    monkeypatch.setattr(jax, "device_put", lambda x: events.append("device") or device_put(x))
+    lm = gguf_import.load_gguf(path, with_tokenizer=False)
+    assert events == ["host", "device"] * len(reader.tensors)
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(lm.params))
+
+
 def test_context_length_travels_from_gguf_through_exports(tiny):
     from effllm_jax.export import export_run
 

@@ -12,9 +12,12 @@ requests of one context form a group, the context once and then each continuatio
 each continuation attending to the context and itself (model/decode.py, packed scoring), so a
 shared context runs once (2-4x fewer tokens on most multiple-choice tasks); groups whose
 contexts share a prefix (WinoGrande's two options) merge, the prefix once. Groups are packed
-first-fit into rows of ROW_WIDTH tokens, so padding is only each row's unused tail; batch_size
-rows a batch (a power of two for the last one), so few shapes compile. The body returns hidden
-states; the head unembeds only the scored positions, HEAD_CHUNK at a time: no [B, T, V] logits.
+first-fit into rows of ROW_WIDTH tokens (a longer group: a row of ROW_WIDTH x a power of two),
+so padding is only each row's unused tail; batch_size x ROW_WIDTH tokens a batch (a power of
+two of rows for the last one). Few shapes compile, and that matters for memory as well as
+time: each compiled body keeps tens of MB of host memory (its trace and executable) for the
+rest of the process. The body returns hidden states; the head unembeds only the scored
+positions, HEAD_CHUNK at a time: no [B, T, V] logits.
 Other scorers (test stubs with `.logits`) get one right-padded row per request, sorted by
 length and padded to one of a few bucket lengths.
 """
@@ -33,7 +36,7 @@ DEFAULT_BUCKETS = (32, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 DEFAULT_MAX_LENGTH = 2048  # the harness's fallback when a model states no context length
 DEFAULT_BATCH_SIZE = 16
 HEAD_CHUNK = 256  # scored positions unembedded at a time: at most [256, V] logits exist
-ROW_WIDTH = 256  # tokens per packed row (a longer context group gets a wider row)
+ROW_WIDTH = 256  # tokens per packed row (a longer context group: ROW_WIDTH x a power of two)
 MIN_SHARED_PREFIX = 4  # tokens two different contexts must share to be packed as one group
 
 
@@ -258,6 +261,14 @@ def _group(windows: Sequence[tuple[Sequence[int], Sequence[int], int]],
     return group
 
 
+def row_widths(max_length: int) -> tuple[int, ...]:
+    """Widths a packed row may take: ROW_WIDTH, doubled up to max_length (the last one)."""
+    widths = [ROW_WIDTH]
+    while widths[-1] < max_length:
+        widths.append(min(2 * widths[-1], max_length))
+    return tuple(widths)
+
+
 def pack_rows(groups: Sequence[ContextGroup], width: int, buckets: Sequence[int],
               max_length: int) -> list[tuple[int, list[ContextGroup]]]:
     """(row width, groups) rows, filled first-fit decreasing: rows are `width` tokens, or one
@@ -278,41 +289,53 @@ def pack_rows(groups: Sequence[ContextGroup], width: int, buckets: Sequence[int]
     return rows
 
 
-def _score_packed(lm: Any, windows: Sequence[tuple[list, list, int]], *, max_length: int,
-                  batch_size: int, buckets: Sequence[int],
-                  progress: Callable[[int, int], None] | None) -> list[tuple[float, bool]]:
-    """Rows of packed context groups, batch_size rows of ROW_WIDTH tokens (or as many tokens
-    in fewer, wider rows) a batch; logits only at the scored positions."""
-    from effllm_jax.model.decode import model_program_key, packed_scoring_programs
+def packed_batches(windows: Sequence[tuple[Sequence[int], Sequence[int], int]], max_length: int,
+                   batch_size: int) -> list[tuple[tuple[int, int], list[list[ContextGroup]]]]:
+    """The batches `_score_packed` runs, widest first: ((rows, width), rows of groups).
 
-    kind, key, params, masks, _ = model_program_key(lm)
-    hidden_fn, score_fn = packed_scoring_programs(kind, key, HEAD_CHUNK)
+    batch_size rows of ROW_WIDTH tokens a batch, or as many tokens in fewer, wider rows; the
+    last batch of a width has a power of two of rows. So few shapes compile: with the widths
+    doubling, one or two per width.
+    """
     by_width: dict[int, list[list[ContextGroup]]] = {}
-    for width, row in pack_rows(context_groups(windows, max_length), ROW_WIDTH, buckets,
-                                max_length):
+    for width, row in pack_rows(context_groups(windows, max_length), ROW_WIDTH,
+                                row_widths(max_length), max_length):
         by_width.setdefault(width, []).append(row)
-    sums = np.zeros(len(windows), np.float64)
-    greedy = np.ones(len(windows), bool)  # an empty continuation: 0 and greedy
-    done = sum(n_cont == 0 for _, _, n_cont in windows)
+    batches = []
     for width, rows in sorted(by_width.items(), reverse=True):
         per_batch = max(1, batch_size * ROW_WIDTH // width)
         for start in range(0, len(rows), per_batch):
             batch = rows[start:start + per_batch]
-            # a power of two of rows for the last batch: few shapes, little padding
-            shape = (min(per_batch, 1 << (len(batch) - 1).bit_length()), width)
-            arrays = _batch_arrays(batch, shape)
-            scored = arrays.pop("scored")
-            n = max(16, 1 << (len(scored) - 1).bit_length())  # few head shapes
-            index = np.zeros((3, n), np.int32)  # row, column, target; padding scores (0, 0)
-            index[:, :len(scored)] = scored[:, 1:].T
-            x = hidden_fn(params, masks, **arrays)
-            logp, is_max = (np.asarray(a)[:len(scored)]
-                            for a in score_fn(params, masks, x, *index))
-            np.add.at(sums, scored[:, 0], logp.astype(np.float64))
-            np.logical_and.at(greedy, scored[:, 0], is_max)
-            done += len(np.unique(scored[:, 0]))
-            if progress is not None:
-                progress(done, len(windows))
+            batches.append(((min(per_batch, 1 << (len(batch) - 1).bit_length()), width), batch))
+    return batches
+
+
+def _score_packed(lm: Any, windows: Sequence[tuple[list, list, int]], *, max_length: int,
+                  batch_size: int, buckets: Sequence[int],
+                  progress: Callable[[int, int], None] | None) -> list[tuple[float, bool]]:
+    """The `packed_batches` of the windows through the body, logits only at the scored
+    positions. (`buckets` pads unpacked rows only: packed rows take `row_widths`.)"""
+    from effllm_jax.model.decode import model_program_key, packed_scoring_programs
+
+    kind, key, params, masks, _ = model_program_key(lm)
+    hidden_fn, score_fn = packed_scoring_programs(kind, key, HEAD_CHUNK)
+    sums = np.zeros(len(windows), np.float64)
+    greedy = np.ones(len(windows), bool)  # an empty continuation: 0 and greedy
+    done = sum(n_cont == 0 for _, _, n_cont in windows)
+    for shape, batch in packed_batches(windows, max_length, batch_size):
+        arrays = _batch_arrays(batch, shape)
+        scored = arrays.pop("scored")
+        n = max(16, 1 << (len(scored) - 1).bit_length())  # few head shapes
+        index = np.zeros((3, n), np.int32)  # row, column, target; padding scores (0, 0)
+        index[:, :len(scored)] = scored[:, 1:].T
+        x = hidden_fn(params, masks, **arrays)
+        logp, is_max = (np.asarray(a)[:len(scored)]
+                        for a in score_fn(params, masks, x, *index))
+        np.add.at(sums, scored[:, 0], logp.astype(np.float64))
+        np.logical_and.at(greedy, scored[:, 0], is_max)
+        done += len(np.unique(scored[:, 0]))
+        if progress is not None:
+            progress(done, len(windows))
     return [(float(v), bool(g)) for v, g in zip(sums, greedy)]
 
 

@@ -13,8 +13,9 @@ import os
 import subprocess
 import sys
 import zipfile
-from typing import Any
+from typing import Any, Callable
 
+import jax
 import numpy as np
 
 from effllm_jax.arch import ArchSpec
@@ -128,16 +129,28 @@ def _tensor(reader: Any, name: str) -> Any:
     raise ValueError(f"GGUF tensor {name} is missing")
 
 
+DEQUANTIZE_ROWS = 4096  # rows dequantised at a time: gguf's temporaries stay a few MB
+
+
 def dequantize(tensor: Any) -> np.ndarray:
-    """A GGUF tensor as float32 in [out, in] (row-major, Hugging Face) order."""
+    """A GGUF tensor as float32 in [out, in] (row-major, Hugging Face) order.
+
+    Row blocks at a time into the one output array: gguf's dequantisation makes several
+    full-size float32 temporaries (the 49152-row embedding would briefly need ~4x its size).
+    """
     import gguf
 
     kind = tensor.tensor_type.name
     if kind not in SUPPORTED_TYPES:
         raise ValueError(f"GGUF tensor {tensor.name} uses quantisation type {kind}, which is not "
                          f"supported (supported: {', '.join(SUPPORTED_TYPES)})")
-    values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-    return np.asarray(values, np.float32).reshape(tuple(int(n) for n in reversed(tensor.shape)))
+    shape = tuple(int(n) for n in reversed(tensor.shape))
+    data = tensor.data.reshape(-1, tensor.data.shape[-1])  # [rows, bytes or values of a row]
+    out = np.empty((data.shape[0], shape[-1]), np.float32)
+    for start in range(0, data.shape[0], DEQUANTIZE_ROWS):
+        rows = slice(start, start + DEQUANTIZE_ROWS)
+        out[rows] = gguf.quants.dequantize(data[rows], tensor.tensor_type)
+    return out.reshape(shape)
 
 
 def unpermute(weight: np.ndarray, num_heads: int) -> np.ndarray:
@@ -183,8 +196,10 @@ def open_gguf(path: str) -> Any:
     return reader
 
 
-def load_gguf_compact(path: str, reader: Any = None) -> tuple[ArchSpec, dict]:
-    """(spec, dense compact params) of a Llama GGUF file, dequantised to float32."""
+def load_gguf_compact(path: str, reader: Any = None,
+                      place: Callable[[np.ndarray], Any] | None = None) -> tuple[ArchSpec, dict]:
+    """(spec, dense compact params) of a Llama GGUF file, dequantised to float32, tensor by
+    tensor; `place` (e.g. jax.device_put) takes each one as soon as it is ready."""
     reader = reader or open_gguf(path)
     cfg = config_from_gguf(reader)
     by_name = {t.name: t for t in reader.tensors}
@@ -206,7 +221,7 @@ def load_gguf_compact(path: str, reader: Any = None) -> tuple[ArchSpec, dict]:
             weight = unpermute(weight, cfg.num_kv_heads)
         return weight
 
-    return hf.compact_from_hf(cfg, get)
+    return hf.compact_from_hf(cfg, get, place)
 
 
 def import_gguf(path: str) -> tuple[ModelConfig, dict, Masks]:
@@ -239,6 +254,7 @@ def load_gguf(path: str, with_tokenizer: bool = True) -> LanguageModel:
     """A GGUF file as a LanguageModel (with its tokenizer)."""
 
     reader = open_gguf(path)  # parsing the metadata takes seconds: do it once
-    spec, params = load_gguf_compact(path, reader)
+    # each tensor goes to the device as it is dequantised: never a whole host copy beside it
+    spec, params = load_gguf_compact(path, reader, place=jax.device_put)
     tokenizer = gguf_tokenizer(reader) if with_tokenizer else None
     return LanguageModel(spec, params, tokenizer, max_length=context_length_from_gguf(reader))

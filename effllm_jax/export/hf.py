@@ -230,11 +230,17 @@ def config_from_hf(config: dict) -> ModelConfig:
         raise ValueError(f"config.json lacks required field {e.args[0]!r}") from e
 
 
-def compact_from_hf(cfg: ModelConfig, get: Getter) -> tuple[ArchSpec, dict]:
-    """Dense (all units kept) compact params from Hugging Face tensors, one at a time."""
+def compact_from_hf(cfg: ModelConfig, get: Getter,
+                    place: Callable[[np.ndarray], Any] | None = None) -> tuple[ArchSpec, dict]:
+    """Dense (all units kept) compact params from Hugging Face tensors, one at a time.
+
+    `place` (e.g. jax.device_put) takes each tensor as soon as it is converted, so no second
+    full host copy of the model is ever alive."""
     spec = ArchSpec.from_masks(full_masks(cfg), cfg)
     shapes = flax_io.expected_shapes(spec)
-    flat = {n: from_hf(n, get(hf_name(n), hf_shape(n, shapes[n])), shapes[n]) for n in shapes}
+    place = place or (lambda x: x)
+    flat = {n: place(from_hf(n, get(hf_name(n), hf_shape(n, shapes[n])), shapes[n]))
+            for n in shapes}
     return spec, widths.unflatten(flat)
 
 

@@ -357,10 +357,12 @@ class Decoder:
 # the i-th request's inputs after it, which see their document's context and themselves
 # (never another continuation or document) and take RoPE positions that go on from the
 # context's end, so each continuation computes what it would after its context alone.
-# Padding has document -1. Rows attend in blocks of QUERY_BLOCK queries, each over the keys
-# before its end only (causal), so a wide row skips about half the attention.
+# Padding has document -1. Rows attend in blocks of QUERY_BLOCK queries (at most
+# MAX_QUERY_BLOCKS, longer ones for a wider row), each over the keys before its end only
+# (causal), so a wide row skips about half the attention (3/8 with four blocks).
 
 QUERY_BLOCK = 128  # packed rows attend in blocks of queries, each over the keys up to its end
+MAX_QUERY_BLOCKS = 4  # a program grows with blocks x layers: an 8192-wide row stays 4 blocks
 
 
 def packed_attention_mask(documents: jax.Array, segments: jax.Array) -> jax.Array:
@@ -383,16 +385,36 @@ def _packed_hidden(model: _Model, tokens, positions, documents, segments) -> jax
     if model.hidden is not None:
         x = x * model.hidden.astype(dtype)
     width = tokens.shape[1]
-    blocks = [(q, min(q + QUERY_BLOCK, width)) for q in range(0, width, QUERY_BLOCK)]
+    block = max(QUERY_BLOCK, -(-width // MAX_QUERY_BLOCKS))
+    blocks = [(q, min(q + block, width)) for q in range(0, width, block)]
     for layer in model.layers:
         h = layer.block.attn_norm(x, model.hidden)
-        k, v = _new_kv(layer, h, cos, sin)
-        # causal: a block of queries needs only the keys up to its end (~half the work)
-        attended = [_attention(layer, h[:, a:b], cos[:, a:b], sin[:, a:b], k[:, :b], v[:, :b],
-                               valid[:, a:b, :b]) for a, b in blocks]
-        x = x + (attended[0] if len(attended) == 1 else jnp.concatenate(attended, axis=1))
+        x = x + _packed_attention(layer, h, cos, sin, valid, blocks)
         x = x + layer.block.mlp(layer.block.mlp_norm(x, model.hidden), layer.ffn_mask)
     return x
+
+
+def _packed_attention(layer: _Layer, h, cos, sin, valid, blocks) -> jax.Array:
+    """`_attention` of a whole packed row, its queries in causal blocks: the projections,
+    RoPE and GQA expansion run once for the row and only the scores go block by block, so a
+    block adds a few ops (a program's compile time, and the host memory its cached trace and
+    executable keep, grow with blocks x layers)."""
+    attn, dtype = layer.block.attn, h.dtype
+    q = _rope(jnp.einsum("btd,dhk->bthk", h, attn.wq[...].astype(dtype)), cos, sin)
+    k, v = _new_kv(layer, h, cos, sin)
+    k, v = jnp.take(k, layer.kv_index, axis=2), jnp.take(v, layer.kv_index, axis=2)
+    scale = np.sqrt(q.shape[-1]).astype(np.float32)
+    out = []
+    for a, b in blocks:  # causal: a block of queries needs only the keys up to its end
+        scores = jnp.einsum("bthk,bshk->bhts", q[:, a:b], k[:, :b],
+                            preferred_element_type=jnp.float32) / scale
+        scores = jnp.where(valid[:, None, a:b, :b], scores, _NEG)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+        out.append(jnp.einsum("bhts,bshk->bthk", probs, v[:, :b]))
+    out = out[0] if len(out) == 1 else jnp.concatenate(out, axis=1)
+    if layer.head_mask is not None:
+        out = out * layer.head_mask.astype(dtype)[None, None, :, None]
+    return jnp.einsum("bthk,hkd->btd", out, attn.wo[...].astype(dtype))
 
 
 def _scored_logprobs(model: _Model, h, targets, chunk: int):
