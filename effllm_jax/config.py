@@ -156,6 +156,7 @@ _RANGES = (
     ("model", "norm_eps", lambda v: v > 0, "> 0"),
     ("model", "init_std", lambda v: v > 0, "> 0"),
     ("model", "attention_block", lambda v: v >= 1, ">= 1"),
+    ("model", "mlp_chunk", lambda v: v >= 0, ">= 0 (0: the whole sequence)"),
     ("train", "seed", lambda v: v >= 0 and float(v).is_integer(), "a whole number >= 0"),
     ("train", "log_every", lambda v: v >= 1, ">= 1"),
     ("train", "checkpoint_every", lambda v: v >= 1, ">= 1"),

@@ -56,6 +56,8 @@ class ModelConfig:
     init_std: float = 0.02
     attention: str = "auto"  # attention core, see model/attention.py KINDS
     attention_block: int = 512  # KV block of the blockwise/splash cores
+    mlp_chunk: int = 0  # SwiGLU over token chunks of this size, each recomputed in the backward
+    # (only one chunk's [B, chunk, ffn] intermediates live); 0 = the whole sequence at once
 
     @classmethod
     def from_config(cls, model_config: Any) -> "ModelConfig":
@@ -199,7 +201,8 @@ class MLP(nnx.Module):
     """SwiGLU feed-forward: down(silu(gate x) * up x)."""
 
     def __init__(self, d_model: int, ffn_dim: int, init_std: float, out_std: float, *,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, chunk: int = 0):
+        self.chunk = chunk  # ModelConfig.mlp_chunk
         self.w_gate = nnx.Param(_normal(rngs, (d_model, ffn_dim), init_std), axes=("embed", "mlp"))
         self.w_up = nnx.Param(_normal(rngs, (d_model, ffn_dim), init_std), axes=("embed", "mlp"))
         self.w_down = nnx.Param(_normal(rngs, (ffn_dim, d_model), out_std), axes=("mlp", "embed"))
@@ -207,12 +210,33 @@ class MLP(nnx.Module):
     def __call__(self, x: jax.Array, ffn_mask: jax.Array | None = None,
                  stats_block: int | None = None):
         dtype = x.dtype
+        tokens = x.shape[1]
+        if stats_block is None and 0 < self.chunk < tokens and tokens % self.chunk == 0:
+            return self._chunked(x, ffn_mask)
         h = jax.nn.silu(x @ self.w_gate[...].astype(dtype)) * (x @ self.w_up[...].astype(dtype))
         if ffn_mask is not None:
             h = h * ffn_mask.astype(dtype)
         h = constrain(h, ("batch", None, "mlp"))
         y = constrain(h @ self.w_down[...].astype(dtype), ("batch", None, "embed"))
         return y if stats_block is None else (y, second_moment(h, stats_block))
+
+    def _chunked(self, x: jax.Array, ffn_mask: jax.Array | None) -> jax.Array:
+        """The same SwiGLU, a chunk of tokens at a time, each chunk rematerialised: the
+        [B, T, ffn] gate/up/product buffers of a long sequence never live together (on TPU
+        they were the largest per-row buffers at the step's memory peak)."""
+        dtype = x.dtype
+        w_gate, w_up, w_down = (w[...].astype(dtype) for w in (self.w_gate, self.w_up, self.w_down))
+        mask = None if ffn_mask is None else ffn_mask.astype(dtype)
+
+        @jax.checkpoint
+        def piece(xc):
+            h = jax.nn.silu(xc @ w_gate) * (xc @ w_up)
+            return (h if mask is None else h * mask) @ w_down
+
+        b, t, d = x.shape
+        chunks = x.reshape(b, t // self.chunk, self.chunk, d).swapaxes(0, 1)
+        y = jax.lax.map(piece, chunks).swapaxes(0, 1).reshape(b, t, -1)
+        return constrain(y, ("batch", None, "embed"))
 
 
 class Block(nnx.Module):
@@ -226,7 +250,7 @@ class Block(nnx.Module):
                               cfg.init_std, out_std, rngs=rngs, core=cfg.attention,
                               block=cfg.attention_block)
         self.mlp_norm = RMSNorm(d_model, cfg.norm_eps)
-        self.mlp = MLP(d_model, ffn_dim, cfg.init_std, out_std, rngs=rngs)
+        self.mlp = MLP(d_model, ffn_dim, cfg.init_std, out_std, rngs=rngs, chunk=cfg.mlp_chunk)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
                  hidden_mask: jax.Array | None = None, head_mask: jax.Array | None = None,
