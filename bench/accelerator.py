@@ -38,7 +38,8 @@ sys.path.insert(0, ROOT)  # this checkout's package, also when run from elsewher
 
 from effllm_jax import config as config_lib  # noqa: E402
 from effllm_jax import mfu, sharding, train, train_step  # noqa: E402
-from effllm_jax.model import attention  # noqa: E402
+from effllm_jax.arch import ArchSpec  # noqa: E402
+from effllm_jax.model import attention, llama  # noqa: E402
 from report import report  # noqa: E402  (bench/report.py)
 
 
@@ -177,13 +178,10 @@ def step_arm(config, name: str, steps: int) -> dict:
 
 
 def _dense_flops_per_token(config) -> float:
-    """Training FLOPs per token of the dense source (what a masked step executes), remat not
-    counted (MFU, not HFU)."""
-    m = config.model
-    matmul = m.vocab_size * m.d_model + m.num_layers * (
-        m.d_model * m.head_dim * 2 * (m.num_heads + m.num_kv_heads) + 3 * m.d_model * m.ffn_dim)
-    attention_fwd = m.num_layers * 4 * m.num_heads * m.head_dim * config.train.seq_len
-    return 6.0 * matmul + 3.0 * attention_fwd
+    """mfu.flops_per_token of the dense source (what a masked step executes)."""
+    cfg = config_lib.model_config(config)
+    return mfu.flops_per_token(ArchSpec.from_masks(llama.full_masks(cfg), cfg),
+                               config.train.seq_len, dense=True)
 
 
 def apply_override(config, assignment: str) -> None:

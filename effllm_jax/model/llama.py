@@ -197,6 +197,13 @@ class Attention(nnx.Module):
         return y, second_moment(o_in.reshape(*o_in.shape[:2], -1), stats_block)
 
 
+def _swiglu_hidden(x: jax.Array, w_gate: jax.Array, w_up: jax.Array,
+                   ffn_mask: jax.Array | None) -> jax.Array:
+    """silu(x w_gate) * (x w_up), pruned channels zeroed: the input of the down projection."""
+    h = jax.nn.silu(x @ w_gate) * (x @ w_up)
+    return h if ffn_mask is None else h * ffn_mask.astype(x.dtype)
+
+
 class MLP(nnx.Module):
     """SwiGLU feed-forward: down(silu(gate x) * up x)."""
 
@@ -213,10 +220,8 @@ class MLP(nnx.Module):
         tokens = x.shape[1]
         if stats_block is None and 0 < self.chunk < tokens and tokens % self.chunk == 0:
             return self._chunked(x, ffn_mask)
-        h = jax.nn.silu(x @ self.w_gate[...].astype(dtype)) * (x @ self.w_up[...].astype(dtype))
-        if ffn_mask is not None:
-            h = h * ffn_mask.astype(dtype)
-        h = constrain(h, ("batch", None, "mlp"))
+        h = constrain(_swiglu_hidden(x, self.w_gate[...].astype(dtype),
+                                     self.w_up[...].astype(dtype), ffn_mask), ("batch", None, "mlp"))
         y = constrain(h @ self.w_down[...].astype(dtype), ("batch", None, "embed"))
         return y if stats_block is None else (y, second_moment(h, stats_block))
 
@@ -226,12 +231,10 @@ class MLP(nnx.Module):
         they were the largest per-row buffers at the step's memory peak)."""
         dtype = x.dtype
         w_gate, w_up, w_down = (w[...].astype(dtype) for w in (self.w_gate, self.w_up, self.w_down))
-        mask = None if ffn_mask is None else ffn_mask.astype(dtype)
 
         @jax.checkpoint
         def piece(xc):
-            h = jax.nn.silu(xc @ w_gate) * (xc @ w_up)
-            return (h if mask is None else h * mask) @ w_down
+            return _swiglu_hidden(xc, w_gate, w_up, ffn_mask) @ w_down
 
         b, t, d = x.shape
         chunks = x.reshape(b, t // self.chunk, self.chunk, d).swapaxes(0, 1)
