@@ -99,7 +99,9 @@ def test_init_from_starts_the_run_at_the_imported_weights_exactly(model_files, i
     assert first["step"] == 1
     # the step's loss is taken before its update: the imported model's loss on batch 0
     assert abs(first["loss"] - expected) < 1e-4, (first["loss"], expected)
-    assert abs(first["loss"] - np.log(cfg.vocab_size)) > 0.5  # not a random init's ln(V)
+    # and not what a fresh init would give: init_std 0.02 puts that within ~0.01 of ln(V). (The
+    # imported model's own loss moves by ~0.1 with the batch, which hangs on the corpus's path.)
+    assert abs(first["loss"] - np.log(cfg.vocab_size)) > 0.2
 
 
 def test_another_model_shape_is_one_clear_error_before_anything_runs(model_files, tmp_path):
