@@ -113,13 +113,17 @@ def test_cpu_projections_equal_autodiff_values_and_gradients(monkeypatch):
     x = jax.random.normal(jax.random.key(0), (2, 5, 3, 4))
     w = jax.random.normal(jax.random.key(1), (3, 4, 7))
     cotangent = jax.random.normal(jax.random.key(2), (2, 5, 7))
+
+    @jax.jit
+    def both(x, w, cotangent):
+        got, got_vjp = jax.vjp(lambda a, b: projection.project(a, b, 2), x, w)
+        ref, ref_vjp = jax.vjp(lambda a, b: projection.plain_projection(a, b, 2), x, w)
+        return (got, *got_vjp(cotangent)), (ref, *ref_vjp(cotangent))
+
     for dtype, rtol in ((jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)):
-        xd, wd, cd = x.astype(dtype), w.astype(dtype), cotangent.astype(dtype)
-        got, got_vjp = jax.vjp(lambda a, b: projection.project(a, b, 2), xd, wd)
-        ref, ref_vjp = jax.vjp(lambda a, b: projection.plain_projection(a, b, 2), xd, wd)
-        assert got.dtype == ref.dtype == dtype
-        for g, r in zip((got, *got_vjp(cd)), (ref, *ref_vjp(cd))):
-            assert g.shape == r.shape and g.dtype == r.dtype
+        got, ref = both(x.astype(dtype), w.astype(dtype), cotangent.astype(dtype))
+        for g, r in zip(got, ref):
+            assert g.shape == r.shape and g.dtype == r.dtype == dtype
             np.testing.assert_allclose(np.float32(g), np.float32(r), rtol=rtol, atol=rtol)
     jaxpr = str(jax.make_jaxpr(jax.grad(lambda x: projection.project(x, w, 2).sum()))(x))
     assert "custom_vjp" in jaxpr  # the CPU path really ran
