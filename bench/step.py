@@ -22,6 +22,7 @@ For each shape (the issue's two: demo = configs/tiny.py at 16x128 tokens; 8m = V
   attn_autodiff  the plain step with the CPU attention core as one full-score einsum
                differentiated by autodiff (attention.reference_core), the path the blocked
                core (attention._causal_core) replaced
+  proj_attn_autodiff  both of the above: the step as it was before them
   torch        transformers LlamaForCausalLM + torch.optim.AdamW (+ grad clipping), same shape
   loop         the real loop (train.run, synthetic data) vs the bare plain step (--loop)
 Rounds are interleaved (every arm once per round, in turn), so all arms see the same machine
@@ -56,7 +57,8 @@ SHAPES = {
 }
 ARMS = ("plain", "window", "window_obs", "window_obs128", "event", "dense75", "dense50",
         "dense75_heads", "dense50_heads", "accum2",
-        "remat_full", "remat_dots", "bf16", "loss_unfused", "proj_autodiff", "attn_autodiff", "torch")
+        "remat_full", "remat_dots", "bf16", "loss_unfused", "proj_autodiff", "attn_autodiff",
+        "proj_attn_autodiff", "torch")
 NEVER = 10 ** 7  # a step count no bench reaches
 
 
@@ -165,12 +167,12 @@ def autodiff_projection_arm(config):
         llama.project = custom
 
 
-def autodiff_attention_arm(config):
-    """`jax_arm` with the CPU attention core traced as the full-score autodiff reference."""
+def autodiff_attention_arm(config, run=jax_arm):
+    """`run(config)` with the CPU attention core traced as the full-score autodiff reference."""
     blocked = attention._causal_core
     attention._causal_core = lambda q, k, v, block: attention.reference_core(q, k, v)
     try:
-        return jax_arm(config)
+        return run(config)
     finally:
         attention._causal_core = blocked
 
@@ -234,6 +236,8 @@ def measure(shape: str, arms: list[str], rounds: int, steps: int, loop: bool) ->
                         unfused_loss_arm(config) if arm == "loss_unfused" else
                         autodiff_projection_arm(config) if arm == "proj_autodiff" else
                         autodiff_attention_arm(config) if arm == "attn_autodiff" else
+                        autodiff_attention_arm(config, autodiff_projection_arm)
+                        if arm == "proj_attn_autodiff" else
                         jax_arm(arm_config(shape, arm)))
     loop_run = loop_arm(shape, 4 * steps * 2) if loop else None
     rates = {arm: [] for arm in arms}

@@ -161,17 +161,17 @@ def _causal_core_bwd(block, residuals, d_out):
     # Row term of the softmax gradient: sum_s p ds = d_out · out (flash attention's delta).
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
     dq, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
+    # Products in the operands' dtype, as autodiff's are (XLA:CPU has no bf16 x bf16 = f32
+    # dot thunk); sums over blocks in float32.
+    f32 = lambda x: x.astype(jnp.float32)
     for (start, end), p in zip(_query_blocks(t, block), probs):
         do_blk = d_out[:, :, start:end]
-        dp = jnp.einsum("bhtk,bhsk->bhts", do_blk, v[:, :, :end],
-                        preferred_element_type=jnp.float32)
+        dp = f32(jnp.einsum("bhtk,bhsk->bhts", do_blk, v[:, :, :end]))
         ds = (p * (dp - delta[:, :, start:end])).astype(q.dtype)
         dq.append(jnp.einsum("bhts,bhsk->bhtk", ds, k[:, :, :end]))
         pad = ((0, 0), (0, 0), (0, t - end), (0, 0))
-        dk = dk + jnp.pad(jnp.einsum("bhts,bhtk->bhsk", ds, q[:, :, start:end],
-                                     preferred_element_type=jnp.float32), pad)
-        dv = dv + jnp.pad(jnp.einsum("bhts,bhtk->bhsk", p.astype(v.dtype), do_blk,
-                                     preferred_element_type=jnp.float32), pad)
+        dk = dk + jnp.pad(f32(jnp.einsum("bhts,bhtk->bhsk", ds, q[:, :, start:end])), pad)
+        dv = dv + jnp.pad(f32(jnp.einsum("bhts,bhtk->bhsk", p.astype(v.dtype), do_blk)), pad)
     dq = jnp.concatenate(dq, axis=2) if len(dq) > 1 else dq[0]
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
