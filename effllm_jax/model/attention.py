@@ -2,7 +2,9 @@
 
 The projections, RoPE, GQA grouping and the head mask live in llama.Attention; this module
 only turns (q, k, v) with equal head counts into the per-head output, by one of:
-  einsum       the reference: full [B, H, T, T] float32 scores (fastest for short sequences)
+  einsum       the reference: full [B, H, T, T] float32 scores (fastest for short sequences);
+               on CPU run in query blocks that skip the keys above the diagonal, under one
+               custom VJP (`_causal_core`)
   blockwise    flash-style in pure JAX: KV blocks with an online softmax and a custom VJP
                that recomputes scores per block; memory O(B H T block), any backend
   dot_product  jax.nn.dot_product_attention (cuDNN's fused kernel asked for on GPU, XLA elsewhere)

@@ -13,7 +13,8 @@ and pruned weights receive exactly zero gradient:
   ffn mask     [L, F] SwiGLU channels
 Every parameter carries logical axis names (`axes` metadata); sharding.py maps them to the mesh,
 and activations are constrained by the same names (`sharding.constrain`, a no-op without a mesh).
-The attention core (einsum, blockwise, fused kernels) lives in model/attention.py.
+The attention core (einsum, blockwise, fused kernels) lives in model/attention.py; the linear
+projections go through model/projection.py (on CPU, weight gradients without transposed copies).
 
 With `stats_block` set, the source model also returns the summed second moments x xᵀ of the
 inputs of every linear layer whose input channels can be pruned (block-diagonal, blocks of
