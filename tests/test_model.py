@@ -1,10 +1,13 @@
 """The masked source model computes exactly what its physically sliced twin computes."""
+import contextlib
 import dataclasses
+import io
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.ad_checkpoint import print_saved_residuals
 
 from effllm_jax.model import llama, projection
 from effllm_jax.model.compact import apply_compact, slice_params
@@ -139,6 +142,19 @@ def test_cpu_projections_equal_autodiff_values_and_gradients(monkeypatch):
     np.testing.assert_allclose(got_loss, ref_loss, rtol=1e-6)
     for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(r))))
+
+    # model.remat='dots' still sees the products as matmuls: it saves what it saved before
+    dots = dataclasses.replace(CFG, remat="dots")
+
+    def saved():
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            print_saved_residuals(lambda p: llama.apply(dots, p, tokens, masks).sum(), params)
+        return sorted(line.split(" ")[0] for line in out.getvalue().splitlines())
+
+    custom = saved()
+    with monkeypatch.context() as m:
+        m.setattr(llama, "project", projection.plain_projection)
+        assert custom == saved()
 
 
 def test_mlp_in_token_chunks_equals_whole_sequence_values_and_gradients():

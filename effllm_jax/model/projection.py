@@ -10,7 +10,9 @@ axis 0 of both operands with the output already [I, O]: XLA:CPU runs it as one m
 the operands as they lie in memory, and the step compiles with no activation-sized transposed
 copy around the projections.
 
-The arithmetic is the same products and sums; only the summation order inside a kernel may
+The forward product stays a plain dot_general beside a custom-VJP term that is zero going
+forward and carries the gradient, so remat policies (`model.remat='dots'`) still see and save
+it. The arithmetic is the same products and sums; only the summation order inside a kernel may
 differ (float rounding). Off CPU `project` is plain autodiff: the TPU and GPU compilers pick
 their own layouts, and nothing here was measured there.
 """
@@ -31,9 +33,12 @@ _FEATURES = (((1,), (1,)), ((), ()))  # contract axis 1 (output features) of bot
 def project(x: jax.Array, w: jax.Array, in_dims: int = 1) -> jax.Array:
     """x [..., *I] times w [*I, *O] (the last `in_dims` axes of x contracted with the first
     `in_dims` of w): [..., *O] in x's dtype."""
+    y = plain_projection(x, w, in_dims)
     if sharding.current_platform() != "cpu":
-        return plain_projection(x, w, in_dims)
-    return _project(x, w, in_dims)
+        return y
+    # The product stays a plain dot_general (so remat policies such as model.remat='dots'
+    # see and save it); its gradient comes from `_gradient`, which adds zero going forward.
+    return jax.lax.stop_gradient(y) + _gradient(x, w, in_dims)
 
 
 def plain_projection(x: jax.Array, w: jax.Array, in_dims: int = 1) -> jax.Array:
@@ -51,16 +56,16 @@ def _flat(x: jax.Array, w: jax.Array, in_dims: int) -> tuple[jax.Array, jax.Arra
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _project(x, w, in_dims):
-    x2, w2 = _flat(x, w, in_dims)
-    return (x2 @ w2).reshape(*x.shape[:x.ndim - in_dims], *w.shape[in_dims:])
+def _gradient(x, w, in_dims):
+    """Zeros shaped like x w; its VJP is that of x w."""
+    return jnp.zeros((*x.shape[:x.ndim - in_dims], *w.shape[in_dims:]), x.dtype)
 
 
-def _project_fwd(x, w, in_dims):
-    return _project(x, w, in_dims), (x, w)
+def _gradient_fwd(x, w, in_dims):
+    return _gradient(x, w, in_dims), (x, w)
 
 
-def _project_bwd(in_dims, residuals, g):
+def _gradient_bwd(in_dims, residuals, g):
     x, w = residuals
     x2, w2 = _flat(x, w, in_dims)
     g2 = g.reshape(x2.shape[0], w2.shape[1])
@@ -69,4 +74,4 @@ def _project_bwd(in_dims, residuals, g):
     return dx.reshape(x.shape), dw.reshape(w.shape)
 
 
-_project.defvjp(_project_fwd, _project_bwd)
+_gradient.defvjp(_gradient_fwd, _gradient_bwd)
