@@ -17,6 +17,12 @@ For each shape (the issue's two: demo = configs/tiny.py at 16x128 tokens; 8m = V
   remat_full, remat_dots, bf16    model.remat / model.dtype variants of the plain step
   loss_unfused the plain step with the unfused loss (logits, then token_nll, autodiff), the
                path losses.unembed_nll replaced: its speed-up is plain / loss_unfused
+  proj_autodiff  the plain step with the linear projections differentiated by plain autodiff,
+               the path model/projection.py replaced: its speed-up is plain / proj_autodiff
+  attn_autodiff  the plain step with the CPU attention core as one full-score einsum
+               differentiated by autodiff (attention.reference_core), the path the blocked
+               core (attention._causal_core) replaced
+  proj_attn_autodiff  both of the above: the step as it was before them
   torch        transformers LlamaForCausalLM + torch.optim.AdamW (+ grad clipping), same shape
   loop         the real loop (train.run, synthetic data) vs the bare plain step (--loop)
 Rounds are interleaved (every arm once per round, in turn), so all arms see the same machine
@@ -39,7 +45,7 @@ import numpy as np
 from effllm_jax import config as config_lib
 from effllm_jax import losses, mfu, sharding, train, train_step
 from effllm_jax.arch import ArchSpec
-from effllm_jax.model import llama
+from effllm_jax.model import attention, llama, projection
 from effllm_jax.pruning import groups
 from report import report  # bench/report.py (python bench/X.py puts bench/ on the path)
 
@@ -51,7 +57,8 @@ SHAPES = {
 }
 ARMS = ("plain", "window", "window_obs", "window_obs128", "event", "dense75", "dense50",
         "dense75_heads", "dense50_heads", "accum2",
-        "remat_full", "remat_dots", "bf16", "loss_unfused", "torch")
+        "remat_full", "remat_dots", "bf16", "loss_unfused", "proj_autodiff", "attn_autodiff",
+        "proj_attn_autodiff", "torch")
 NEVER = 10 ** 7  # a step count no bench reaches
 
 
@@ -150,6 +157,26 @@ def unfused_loss_arm(config):
         train_step.hidden_nll = fused
 
 
+def autodiff_projection_arm(config):
+    """`jax_arm` with the model's projections traced as plain tensordots (autodiff's weight
+    gradients, XLA's choice of transposes): what model/projection.py replaced."""
+    custom, llama.project = llama.project, projection.plain_projection
+    try:
+        return jax_arm(config)
+    finally:
+        llama.project = custom
+
+
+def autodiff_attention_arm(config, run=jax_arm):
+    """`run(config)` with the CPU attention core traced as the full-score autodiff reference."""
+    blocked = attention._causal_core
+    attention._causal_core = lambda q, k, v, block: attention.reference_core(q, k, v)
+    try:
+        return run(config)
+    finally:
+        attention._causal_core = blocked
+
+
 def torch_arm(config):
     """One step of transformers' LlamaForCausalLM with torch AdamW at the config's shape."""
     import torch
@@ -207,6 +234,10 @@ def measure(shape: str, arms: list[str], rounds: int, steps: int, loop: bool) ->
         print(f"[{shape}] compiling {arm}", flush=True)
         runners[arm] = (torch_arm(config) if arm == "torch" else
                         unfused_loss_arm(config) if arm == "loss_unfused" else
+                        autodiff_projection_arm(config) if arm == "proj_autodiff" else
+                        autodiff_attention_arm(config) if arm == "attn_autodiff" else
+                        autodiff_attention_arm(config, autodiff_projection_arm)
+                        if arm == "proj_attn_autodiff" else
                         jax_arm(arm_config(shape, arm)))
     loop_run = loop_arm(shape, 4 * steps * 2) if loop else None
     rates = {arm: [] for arm in arms}

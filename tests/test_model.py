@@ -1,12 +1,15 @@
 """The masked source model computes exactly what its physically sliced twin computes."""
+import contextlib
 import dataclasses
+import io
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.ad_checkpoint import print_saved_residuals
 
-from effllm_jax.model import llama
+from effllm_jax.model import llama, projection
 from effllm_jax.model.compact import apply_compact, slice_params
 from effllm_jax.pruning import groups
 
@@ -103,6 +106,55 @@ def test_splash_path_heads_first_equals_einsum(monkeypatch):
                              masks, stats_block=0)
     np.testing.assert_allclose(got, ref, atol=1e-4)
     np.testing.assert_allclose(stats["o_in"], ref_stats["o_in"], rtol=1e-4, atol=1e-3)
+
+
+def test_cpu_projections_equal_autodiff_values_and_gradients(monkeypatch):
+    # model/projection.py states the weight gradients itself (xᵀ g, no transposed copies on
+    # CPU): values and gradients must equal plain autodiff's, for one projection (two
+    # contracted axes, f32 and bf16) and for the whole masked model (the chunked MLP runs the
+    # same projections; its own test compares it to the whole one).
+    x = jax.random.normal(jax.random.key(0), (2, 5, 3, 4))
+    w = jax.random.normal(jax.random.key(1), (3, 4, 7))
+    cotangent = jax.random.normal(jax.random.key(2), (2, 5, 7))
+
+    @jax.jit
+    def both(x, w, cotangent):
+        got, got_vjp = jax.vjp(lambda a, b: projection.project(a, b, 2), x, w)
+        ref, ref_vjp = jax.vjp(lambda a, b: projection.plain_projection(a, b, 2), x, w)
+        return (got, *got_vjp(cotangent)), (ref, *ref_vjp(cotangent))
+
+    for dtype, rtol in ((jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)):
+        got, ref = both(x.astype(dtype), w.astype(dtype), cotangent.astype(dtype))
+        for g, r in zip(got, ref):
+            assert g.shape == r.shape and g.dtype == r.dtype == dtype
+            np.testing.assert_allclose(np.float32(g), np.float32(r), rtol=rtol, atol=rtol)
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda x: projection.project(x, w, 2).sum()))(x))
+    assert "custom_vjp" in jaxpr  # the CPU path really ran
+
+    params = llama.init_params(CFG, jax.random.key(11))
+    masks = random_masks(CFG, 4)
+    tokens = jnp.arange(24).reshape(2, 12) % CFG.vocab_size
+    loss = lambda p: (llama.apply(CFG, p, tokens, masks) ** 2).mean()
+    got_loss, got = jax.jit(jax.value_and_grad(loss))(params)
+    with monkeypatch.context() as m:
+        m.setattr(llama, "project", projection.plain_projection)
+        ref_loss, ref = jax.jit(jax.value_and_grad(loss))(params)
+    np.testing.assert_allclose(got_loss, ref_loss, rtol=1e-6)
+    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(r))))
+
+    # model.remat='dots' still sees the products as matmuls: it saves what it saved before
+    dots = dataclasses.replace(CFG, remat="dots")
+
+    def saved():
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            print_saved_residuals(lambda p: llama.apply(dots, p, tokens, masks).sum(), params)
+        return sorted(line.split(" ")[0] for line in out.getvalue().splitlines())
+
+    custom = saved()
+    with monkeypatch.context() as m:
+        m.setattr(llama, "project", projection.plain_projection)
+        assert custom == saved()
 
 
 def test_mlp_in_token_chunks_equals_whole_sequence_values_and_gradients():

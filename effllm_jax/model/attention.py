@@ -2,7 +2,9 @@
 
 The projections, RoPE, GQA grouping and the head mask live in llama.Attention; this module
 only turns (q, k, v) with equal head counts into the per-head output, by one of:
-  einsum       the reference: full [B, H, T, T] float32 scores (fastest for short sequences)
+  einsum       the reference: full [B, H, T, T] float32 scores (fastest for short sequences);
+               on CPU run in query blocks that skip the keys above the diagonal, under one
+               custom VJP (`_causal_core`)
   blockwise    flash-style in pure JAX: KV blocks with an online softmax and a custom VJP
                that recomputes scores per block; memory O(B H T block), any backend
   dot_product  jax.nn.dot_product_attention (cuDNN's fused kernel asked for on GPU, XLA elsewhere)
@@ -83,18 +85,100 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array
 
 
 def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """The reference: full float32 scores [B, H, T, T]."""
+    """The reference: full float32 scores [B, H, T, T] (on CPU in query blocks that skip the
+    scores above the diagonal, under one custom VJP: `_causal_core`)."""
     dtype = q.dtype
     # Scale q (B T H hd), not the scores (B H T T); heads-first operands give XLA:CPU plain
     # batched matmuls (the token-major einsum ran the forward ~3x slower at 8x256 tokens).
     q = q * np.float32(1.0 / np.sqrt(q.shape[-1])).astype(dtype)
     q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
+    if sharding.current_platform() == "cpu":
+        return _causal_core(q, k, v, CPU_QUERY_BLOCK).transpose(0, 2, 1, 3)
+    return reference_core(q, k, v).transpose(0, 2, 1, 3)
+
+
+def reference_core(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Causal softmax(q kᵀ) v over full scores, for heads-first q (already scaled), k, v
+    [B, H, T, hd], differentiated by autodiff."""
     scores = jnp.einsum("bhtk,bhsk->bhts", q, k, preferred_element_type=jnp.float32)
     seq_len = q.shape[2]
     causal = np.tril(np.ones((seq_len, seq_len), dtype=bool))
     scores = jnp.where(causal[None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    return jnp.einsum("bhts,bhsk->bhtk", probs, v).transpose(0, 2, 1, 3)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    return jnp.einsum("bhts,bhsk->bhtk", probs, v)
+
+
+# ----------------------------------------------------------------------------------------
+# The einsum core on CPU: query blocks that skip the keys above the diagonal, one custom VJP.
+# Block i of the queries reads only keys 0..end_i, so at T=256 in two blocks the [B, H, T, T]
+# score, softmax and gradient passes shrink to 3/4, and the backward reuses the saved
+# probabilities in one fused pass, ds = p (dp - delta), where autodiff's softmax, mask and
+# division gradients took several (8m step: 10% less time, bench/RESULTS.md "fourth pass").
+# ----------------------------------------------------------------------------------------
+
+CPU_QUERY_BLOCK = 128  # rows per query block (a shorter or indivisible sequence: one block)
+
+
+def _query_blocks(t: int, block: int) -> list[tuple[int, int]]:
+    """(start, end) rows of each query block."""
+    if t <= block or t % block:
+        return [(0, t)]
+    return [(start, start + block) for start in range(0, t, block)]
+
+
+def _block_probs(q_blk, k_keys, start):
+    """Causal softmax probabilities [B, H, tq, end] of one query block (rows start..end-1)
+    against the keys 0..end-1, in float32."""
+    tq, tk = q_blk.shape[2], k_keys.shape[2]
+    s = jnp.einsum("bhtk,bhsk->bhts", q_blk, k_keys, preferred_element_type=jnp.float32)
+    causal = (np.arange(tk)[None, :] <= start + np.arange(tq)[:, None])
+    s = jnp.where(causal, s, jnp.finfo(jnp.float32).min)
+    e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
+    return e * (1.0 / jnp.sum(e, axis=-1, keepdims=True))
+
+
+def _core_forward(q, k, v, block):
+    outs, probs = [], []
+    for start, end in _query_blocks(q.shape[2], block):
+        p = _block_probs(q[:, :, start:end], k[:, :, :end], start)
+        outs.append(jnp.einsum("bhts,bhsk->bhtk", p.astype(v.dtype), v[:, :, :end]))
+        probs.append(p)
+    return jnp.concatenate(outs, axis=2) if len(outs) > 1 else outs[0], probs
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _causal_core(q, k, v, block):
+    """`reference_core` in query blocks of `block` rows, with its own backward."""
+    return _core_forward(q, k, v, block)[0]
+
+
+def _causal_core_fwd(q, k, v, block):
+    out, probs = _core_forward(q, k, v, block)
+    return out, (q, k, v, out, probs)
+
+
+def _causal_core_bwd(block, residuals, d_out):
+    q, k, v, out, probs = residuals
+    t = q.shape[2]
+    # Row term of the softmax gradient: sum_s p ds = d_out · out (flash attention's delta).
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+    dq, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
+    # Products in the operands' dtype, as autodiff's are (XLA:CPU has no bf16 x bf16 = f32
+    # dot thunk); sums over blocks in float32.
+    f32 = lambda x: x.astype(jnp.float32)
+    for (start, end), p in zip(_query_blocks(t, block), probs):
+        do_blk = d_out[:, :, start:end]
+        dp = f32(jnp.einsum("bhtk,bhsk->bhts", do_blk, v[:, :, :end]))
+        ds = (p * (dp - delta[:, :, start:end])).astype(q.dtype)
+        dq.append(jnp.einsum("bhts,bhsk->bhtk", ds, k[:, :, :end]))
+        pad = ((0, 0), (0, 0), (0, t - end), (0, 0))
+        dk = dk + jnp.pad(f32(jnp.einsum("bhts,bhtk->bhsk", ds, q[:, :, start:end])), pad)
+        dv = dv + jnp.pad(f32(jnp.einsum("bhts,bhtk->bhsk", p.astype(v.dtype), do_blk)), pad)
+    dq = jnp.concatenate(dq, axis=2) if len(dq) > 1 else dq[0]
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+_causal_core.defvjp(_causal_core_fwd, _causal_core_bwd)
 
 
 # ----------------------------------------------------------------------------------------

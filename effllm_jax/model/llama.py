@@ -13,7 +13,8 @@ and pruned weights receive exactly zero gradient:
   ffn mask     [L, F] SwiGLU channels
 Every parameter carries logical axis names (`axes` metadata); sharding.py maps them to the mesh,
 and activations are constrained by the same names (`sharding.constrain`, a no-op without a mesh).
-The attention core (einsum, blockwise, fused kernels) lives in model/attention.py.
+The attention core (einsum, blockwise, fused kernels) lives in model/attention.py; the linear
+projections go through model/projection.py (on CPU, weight gradients without transposed copies).
 
 With `stats_block` set, the source model also returns the summed second moments x xᵀ of the
 inputs of every linear layer whose input channels can be pruned (block-diagonal, blocks of
@@ -31,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 from effllm_jax.model import attention as attention_lib
+from effllm_jax.model.projection import project
 from effllm_jax.sharding import constrain
 
 Masks = dict[str, jax.Array]  # {'hidden': [D], 'heads': [L, H], 'ffn': [L, F]}, bool
@@ -174,12 +176,15 @@ class Attention(nnx.Module):
         # Splash reads [B, H, T, hd]: projecting straight into it leaves no transposes around
         # RoPE and the kernel (on TPU each was a materialised, lane-padded copy per q/k/v).
         heads_first = attention_lib.resolve(self.core, x.shape[1], dtype) == "splash"
-        layout = "bhtk" if heads_first else "bthk"
         head_axis, seq_axis = (1, 2) if heads_first else (2, 1)
         heads = (("batch", "heads", None, "head_dim") if heads_first
                  else ("batch", None, "heads", "head_dim"))
-        project = lambda w: jnp.einsum(f"btd,dhk->{layout}", x, w[...].astype(dtype))
-        q, k, v = constrain(project(self.wq), heads), project(self.wk), project(self.wv)
+        weights = tuple(w[...].astype(dtype) for w in (self.wq, self.wk, self.wv))
+        if heads_first:
+            q, k, v = (jnp.einsum("btd,dhk->bhtk", x, w) for w in weights)
+        else:  # weight gradients without transposed copies on CPU (model/projection.py)
+            q, k, v = (project(x, w) for w in weights)
+        q = constrain(q, heads)
         q, k = apply_rope(q, cos, sin, seq_axis), apply_rope(k, cos, sin, seq_axis)
         k, v = expand_kv(k, self.kv_index, head_axis), expand_kv(v, self.kv_index, head_axis)
         k, v = constrain(k, heads), constrain(v, heads)
@@ -189,8 +194,10 @@ class Attention(nnx.Module):
             shape[head_axis] = -1
             out = out * head_mask.astype(dtype).reshape(shape)
         out = constrain(out, heads)
-        y = constrain(jnp.einsum(f"{layout},hkd->btd", out, self.wo[...].astype(dtype)),
-                      ("batch", None, "embed"))
+        wo = self.wo[...].astype(dtype)
+        y = (jnp.einsum("bhtk,hkd->btd", out, wo) if heads_first
+             else project(out, wo, in_dims=2))
+        y = constrain(y, ("batch", None, "embed"))
         if stats_block is None:
             return y
         o_in = out.transpose(0, 2, 1, 3) if heads_first else out  # [B, T, H, hd], as wo reads
@@ -200,7 +207,7 @@ class Attention(nnx.Module):
 def _swiglu_hidden(x: jax.Array, w_gate: jax.Array, w_up: jax.Array,
                    ffn_mask: jax.Array | None) -> jax.Array:
     """silu(x w_gate) * (x w_up), pruned channels zeroed: the input of the down projection."""
-    h = jax.nn.silu(x @ w_gate) * (x @ w_up)
+    h = jax.nn.silu(project(x, w_gate)) * project(x, w_up)
     return h if ffn_mask is None else h * ffn_mask.astype(x.dtype)
 
 
@@ -222,7 +229,7 @@ class MLP(nnx.Module):
             return self._chunked(x, ffn_mask)
         h = constrain(_swiglu_hidden(x, self.w_gate[...].astype(dtype),
                                      self.w_up[...].astype(dtype), ffn_mask), ("batch", None, "mlp"))
-        y = constrain(h @ self.w_down[...].astype(dtype), ("batch", None, "embed"))
+        y = constrain(project(h, self.w_down[...].astype(dtype)), ("batch", None, "embed"))
         return y if stats_block is None else (y, second_moment(h, stats_block))
 
     def _chunked(self, x: jax.Array, ffn_mask: jax.Array | None) -> jax.Array:
@@ -234,7 +241,7 @@ class MLP(nnx.Module):
 
         @jax.checkpoint
         def piece(xc):
-            return _swiglu_hidden(xc, w_gate, w_up, ffn_mask) @ w_down
+            return project(_swiglu_hidden(xc, w_gate, w_up, ffn_mask), w_down)
 
         b, t, d = x.shape
         chunks = x.reshape(b, t // self.chunk, self.chunk, d).swapaxes(0, 1)
