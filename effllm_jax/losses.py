@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from effllm_jax import sharding
+
 
 def token_nll(logits: jax.Array, targets: jax.Array, weights: jax.Array | None = None
               ) -> tuple[jax.Array, jax.Array]:
@@ -87,8 +89,15 @@ def _piece_nll_and_grads(hidden, table, targets, weights):
     total = jnp.sum((lse - target_logit) * weights)
     is_target = jnp.arange(logits.shape[-1], dtype=jnp.int32) == targets[..., None]
     probs = jnp.exp(logits - lse[..., None])
-    dlogits = (jnp.where(is_target, probs - 1.0, probs) * weights[..., None]).astype(dtype)
-    d_hidden = jnp.einsum("bcv,vd->bcd", dlogits, table_c, preferred_element_type=jnp.float32)
+    dlogits = jnp.where(is_target, probs - 1.0, probs) * weights[..., None]
+    d_hidden = jnp.einsum("bcv,vd->bcd", dlogits.astype(dtype), table_c,
+                          preferred_element_type=jnp.float32)
+    if dtype != jnp.float32 and sharding.current_platform() == "cpu":
+        # XLA:CPU folds the transpose below into a dot it has no bf16 x bf16 = f32 kernel
+        # for (UNIMPLEMENTED at run time): there this product takes float32 operands.
+        hidden = hidden.astype(jnp.float32)
+    else:
+        dlogits = dlogits.astype(dtype)
     # [D, V] then transposed: summing over positions with dlogits as the right operand keeps
     # it in its own layout (XLA:CPU otherwise copies all of [B*c, V] transposed first).
     d_table = jnp.einsum("bcd,bcv->dv", hidden, dlogits, preferred_element_type=jnp.float32).T
