@@ -12,6 +12,8 @@ import os
 import subprocess
 import sys
 
+from conftest import FAST_COMPILE
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPECTED = os.path.join(REPO, "tests", "data", "demo_short.txt")
 SHORT = ["--config.train.steps=40", "--config.prune.warmup_steps=10",
@@ -25,8 +27,8 @@ TOKENIZER_SHA256 = "d570eca784c5e18d54218ba0c2dfb16742a7d6d0729f854f291ce172a26c
 def test_short_demo_prints_the_committed_architecture(tmp_path):
     env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
     env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()  # the README's run
-                                if not f.startswith(("--xla_force_host_platform_device_count",
-                                                     "--xla_backend_optimization_level")))
+                                if not f.startswith("--xla_force_host_platform_device_count")
+                                and f != FAST_COMPILE)
     proc = subprocess.run([sys.executable, "-m", "effllm_jax.train",
                            f"--workdir={tmp_path / 'demo'}", *SHORT],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)

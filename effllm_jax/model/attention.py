@@ -143,7 +143,7 @@ def _core_forward(q, k, v, block):
         p = _block_probs(q[:, :, start:end], k[:, :, :end], start)
         outs.append(jnp.einsum("bhts,bhsk->bhtk", p.astype(v.dtype), v[:, :, :end]))
         probs.append(p)
-    return jnp.concatenate(outs, axis=2) if len(outs) > 1 else outs[0], probs
+    return jnp.concatenate(outs, axis=2), probs
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -174,7 +174,7 @@ def _causal_core_bwd(block, residuals, d_out):
         pad = ((0, 0), (0, 0), (0, t - end), (0, 0))
         dk = dk + jnp.pad(f32(jnp.einsum("bhts,bhtk->bhsk", ds, q[:, :, start:end])), pad)
         dv = dv + jnp.pad(f32(jnp.einsum("bhts,bhtk->bhsk", p.astype(v.dtype), do_blk)), pad)
-    dq = jnp.concatenate(dq, axis=2) if len(dq) > 1 else dq[0]
+    dq = jnp.concatenate(dq, axis=2)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
